@@ -1,0 +1,1 @@
+"""Demonstrations that run on what ships with lorakit (no download, no GPU)."""

@@ -1,0 +1,184 @@
+"""Read a safetensors file tensor by tensor with plain reads.
+
+No memory map: safetensors' own loaders map the file, and mapped pages count in the process's memory (5 GB for an
+SDXL checkpoint). Here each ``get`` reads exactly one tensor's bytes into a fresh tensor, so peak memory is the
+largest tensor asked for, and the tensor returned owns its memory (closing the file does not invalidate it).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO
+
+import torch
+
+from lorakit.errors import InputError
+from lorakit.formats.safetensors_header import Header, TensorEntry, header_error, read_header
+
+
+def open_input(path: str | os.PathLike[str]) -> BinaryIO:
+    """Open a file for binary reading, turning OS errors into a user-facing error.
+
+    Args:
+        path: the file to open.
+
+    Returns:
+        The open file, unbuffered (reads go straight into the caller's buffer).
+
+    Raises:
+        InputError: the file is missing, is a folder, or cannot be read.
+    """
+    try:
+        return open(path, "rb", buffering=0)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file; check the path") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder, not a file; name the file inside it") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror}); check its permissions") from None
+
+
+class SafetensorsReader:
+    """A safetensors file opened for reading, one tensor at a time.
+
+    The header is read and validated when the reader is created (see ``safetensors_header``); tensor data is read
+    only when asked for.
+
+    Example:
+        >>> with SafetensorsReader("lora.safetensors") as reader:  # doctest: +SKIP
+        ...     for name, tensor in reader.items():
+        ...         print(name, tensor.shape)
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        """Open ``path`` and validate its header.
+
+        Args:
+            path: the safetensors file.
+
+        Raises:
+            InputError: the file is missing or unreadable.
+            FileFormatError: the file is not a valid safetensors file.
+        """
+        self.path = Path(path)
+        self._file = open_input(path)
+        try:
+            self.file_size = os.fstat(self._file.fileno()).st_size
+            self._header: Header = read_header(self._file, self.file_size, str(path))
+        except BaseException:
+            self._file.close()
+            raise
+        self._entries: dict[str, TensorEntry] = {entry.name: entry for entry in self._header.entries}
+
+    # -- header ------------------------------------------------------------------------------------------------
+
+    @property
+    def header(self) -> Header:
+        """The validated header."""
+        return self._header
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The ``__metadata__`` map (a copy; empty when the file has none)."""
+        return dict(self._header.metadata or {})
+
+    @property
+    def header_size(self) -> int:
+        """N, the length of the JSON header in bytes."""
+        return self._header.header_size
+
+    @property
+    def data_offset(self) -> int:
+        """Where the data section starts in the file (``8 + N``)."""
+        return self._header.data_offset
+
+    def keys(self) -> list[str]:
+        """The tensor names, in the order the header lists them."""
+        return list(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def entry(self, key: str) -> TensorEntry:
+        """The header entry of one tensor.
+
+        Raises:
+            KeyError: the file has no tensor named ``key``.
+        """
+        try:
+            return self._entries[key]
+        except KeyError:
+            raise KeyError(f"{self.path}: has no tensor named {key!r}") from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The shape of one tensor, without reading it."""
+        return self.entry(key).shape
+
+    def dtype(self, key: str) -> torch.dtype:
+        """The torch dtype of one tensor, without reading it."""
+        return self.entry(key).torch_dtype
+
+    # -- data --------------------------------------------------------------------------------------------------
+
+    def get(self, key: str) -> torch.Tensor:
+        """Read one tensor.
+
+        Args:
+            key: the tensor's name.
+
+        Returns:
+            A new CPU tensor with the file's dtype and shape, owning its memory.
+
+        Raises:
+            KeyError: no such tensor.
+            FileFormatError: the file ended early (it was truncated after it was opened).
+        """
+        entry = self.entry(key)
+        buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
+        self._read_into(buffer, self.data_offset + entry.begin, entry.name)
+        # safetensors stores little-endian data, which is what torch uses on every platform it ships for.
+        return buffer.view(entry.torch_dtype).reshape(entry.shape)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(name, tensor)`` in header order, reading one tensor at a time."""
+        for key in self._entries:
+            yield key, self.get(key)
+
+    def _read_into(self, buffer: torch.Tensor, offset: int, key: str) -> None:
+        view = memoryview(buffer.numpy()).cast("B")
+        done = 0
+        self._file.seek(offset)
+        while done < len(view):
+            count = self._file.readinto(view[done:])
+            if not count:
+                raise header_error(
+                    str(self.path),
+                    f"tensor {key!r} is cut short at byte {offset + done} (the file shrank after it was opened)",
+                )
+            done += count
+
+    # -- lifetime ----------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the file. Tensors already read stay valid."""
+        self._file.close()
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SafetensorsReader({str(self.path)!r}, {len(self)} tensors)"
