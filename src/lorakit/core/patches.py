@@ -68,7 +68,7 @@ class DoraMagnitude:
 
     @staticmethod
     def from_shape(magnitude: Tensor, weight_shape: torch.Size) -> DoraMagnitude:
-        """Detect the axis from the stored shape: ``[out]``/``[out, 1, ...]`` is per row, ``[1, in, ...]`` per column."""
+        """Detect the axis from the stored shape: ``[out]``/``[out, 1, ...]`` per row, ``[1, in, ...]`` per column."""
         shape = tuple(magnitude.shape)
         out, inp = weight_shape[0], weight_shape[1]
         if len(shape) == 1 and shape[0] == out:
@@ -81,9 +81,13 @@ class DoraMagnitude:
                          f"weight of shape {tuple(weight_shape)}")
 
     def rescale(self, merged: Tensor) -> Tensor:
-        """Return ``m * merged / norm(merged)`` in fp32, the norm along this magnitude's axis."""
+        """Return ``m * merged / (norm(merged) + eps)`` in fp32, the norm along this magnitude's axis.
+
+        ``vector_norm``, not ``Tensor.norm``: the latter refuses more than two dims (conv weights). The fp32 eps is
+        LyCORIS's (and ComfyUI's): an all-zero row stays zero instead of turning into NaN.
+        """
         dims = tuple(d for d in range(merged.dim()) if d != (0 if self.axis == "out" else 1))
-        norm = merged.norm(dim=dims, keepdim=True)
+        norm = torch.linalg.vector_norm(merged, dim=dims, keepdim=True) + torch.finfo(torch.float32).eps
         m = self.magnitude.to(torch.float32).reshape(norm.shape)
         return merged * (m / norm)
 
@@ -164,7 +168,8 @@ class LoraPatch(Patch):
         down = self.down.to(torch.float32)
         if self.mid is not None:
             mid = self.mid.to(torch.float32)
-            dw = torch.einsum("m n h w, o m, n i -> o i h w", mid, up, down.flatten(1))
+            # Ellipsis, not "h w": LyCORIS writes Tucker mids for conv1d and conv3d too.
+            dw = torch.einsum("m n ..., o m, n i -> o i ...", mid, up, down.flatten(1))
         else:
             dw = (up @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
         return _fit(dw * self.scale, shape, "LoRA")
@@ -258,7 +263,8 @@ class LokrPatch(Patch):
             w2 = w2.reshape(w2.shape[0], -1, *shape[2:])  # conv weight stored flat in w2
         while w1.dim() < w2.dim():
             w1 = w1.unsqueeze(-1)
-        return _fit(torch.kron(w1, w2) * self.scale, shape, "LoKr")
+        # torch.kron views its operands and fails on a non-contiguous one (a Tucker rebuild is); LyCORIS also copies.
+        return _fit(torch.kron(w1, w2.contiguous()) * self.scale, shape, "LoKr")
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ METADATA_KEY = "__metadata__"
 
 _DAMAGED = "the file is truncated or damaged; download or copy it again"
 _NOT_SAFETENSORS = "it is not a safetensors file (or is damaged); check the file"
+_CONTRADICTS = "the header contradicts itself: the file is damaged or its writer is broken; get a good copy"
 
 
 @dataclass(frozen=True)
@@ -226,6 +227,8 @@ def _validate_entry(key: str, value: Any, name: str, data_size: int) -> TensorEn
     if not isinstance(value, dict):
         raise header_error(name, f"{where} is a JSON {_json_type(value)}, not an object")
     dtype = value.get("dtype")
+    if dtype is None:
+        raise header_error(name, f"{where} has no dtype")
     if not isinstance(dtype, str) or dtype not in TORCH_DTYPES:
         known = " ".join(TORCH_DTYPES)
         raise header_error(
@@ -245,7 +248,7 @@ def _validate_entry(key: str, value: Any, name: str, data_size: int) -> TensorEn
     expected = math.prod(shape) * ITEM_SIZES[dtype]
     if end - begin != expected:
         raise header_error(
-            name, f"{where} spans {end - begin} bytes but {dtype} {shape} needs {expected}", "the header lies"
+            name, f"{where} spans {end - begin} bytes but {dtype} {shape} needs {expected}", _CONTRADICTS
         )
     return TensorEntry(name=key, dtype=dtype, shape=tuple(shape), begin=begin, end=end)
 
@@ -258,7 +261,7 @@ def _check_no_overlap(entries: Sequence[TensorEntry], name: str) -> None:
             raise header_error(
                 name,
                 f"tensors {_short(before.name, 60)} and {_short(after.name, 60)} overlap in the data section",
-                "the header lies",
+                _CONTRADICTS,
             )
 
 

@@ -127,17 +127,31 @@ def _looks_like_pickle(path: Path) -> bool:
     return path.suffix.lower() in PICKLE_SUFFIXES or head == _ZIP_MAGIC or head[:1] == bytes([_PICKLE_PROTOCOL])
 
 
+def _first_sentence(text: str, limit: int = 160) -> str:
+    sentence = text.strip().split(". ")[0].replace("\n", " ")
+    return sentence if len(sentence) <= limit else sentence[: limit - 3] + "..."
+
+
+def _refused_reason(exc: pickle.UnpicklingError) -> str:
+    # torch's message is several paragraphs; the line naming the refused global is the useful part.
+    for line in str(exc).splitlines():
+        if "WeightsUnpickler error:" in line:
+            return _first_sentence(line.split("WeightsUnpickler error:", 1)[1])
+    return "it is not made of tensors and plain containers"
+
+
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         loaded: Any = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "refused"
         raise FileFormatError(
-            f"{path}: holds objects other than tensors, which weights_only loading refuses ({first_line}); "
-            "convert it with the tool that made it"
+            f"{path}: holds objects other than tensors, which weights_only loading refuses ({_refused_reason(exc)}); "
+            "convert it to .safetensors with the tool that made it"
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise FileFormatError(f"{path}: cannot be read as a torch checkpoint ({exc}); download it again") from None
+        raise FileFormatError(
+            f"{path}: cannot be read as a torch checkpoint ({_first_sentence(str(exc))}); download it again"
+        ) from None
     if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, Mapping):

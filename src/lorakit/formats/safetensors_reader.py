@@ -145,6 +145,24 @@ class SafetensorsReader:
         # safetensors stores little-endian data, which is what torch uses on every platform it ships for.
         return buffer.view(entry.torch_dtype).reshape(entry.shape)
 
+    def read_raw(self, key: str, start: int = 0, stop: int | None = None) -> bytes:
+        """Read a byte range of one tensor's stored data, as it is on disk (for hashing and copying).
+
+        Args:
+            key: the tensor's name.
+            start: first byte, relative to the tensor's data.
+            stop: one past the last byte, relative to the tensor's data; None for the end of the tensor.
+
+        Returns:
+            The bytes, ``stop - start`` of them (clipped to the tensor).
+        """
+        entry = self.entry(key)
+        stop = entry.nbytes if stop is None else min(stop, entry.nbytes)
+        start = max(0, min(start, stop))
+        buffer = torch.empty(stop - start, dtype=torch.uint8)
+        self._read_into(buffer, self.data_offset + entry.begin + start, entry.name)
+        return buffer.numpy().tobytes()
+
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(name, tensor)`` in header order, reading one tensor at a time."""
         for key in self._entries:

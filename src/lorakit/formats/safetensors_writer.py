@@ -170,7 +170,7 @@ def _sources_in_layout_order(tensors: Mapping[str, torch.Tensor] | Iterable[Tens
         sources = list(tensors)
     seen: set[str] = set()
     for source in sources:
-        if not isinstance(source.name, str) or source.name == METADATA_KEY:
+        if not isinstance(source.name, str) or source.name == METADATA_KEY or not _is_utf8(source.name):
             raise ValueError(f"tensor name {source.name!r} cannot be stored; rename the tensor")
         if source.name in seen:
             raise ValueError(f"tensor name {source.name!r} appears twice; every tensor needs its own name")
@@ -181,11 +181,22 @@ def _sources_in_layout_order(tensors: Mapping[str, torch.Tensor] | Iterable[Tens
     return sorted(sources, key=lambda s: layout_key(dtype_name(s.dtype), s.name))
 
 
+def _is_utf8(text: str) -> bool:
+    # Lone surrogates (from os.fsencode round trips, broken JSON) cannot be written as UTF-8.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _metadata_with_placeholders(
     metadata: Mapping[str, str] | None, hash_fields: Mapping[str, str] | None
 ) -> dict[str, str] | None:
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise TypeError("metadata must map strings to strings; convert numbers and lists with str() or json.dumps()")
+    if metadata is not None and not all(_is_utf8(k) and _is_utf8(v) for k, v in metadata.items()):
+        raise ValueError("metadata holds a string that is not valid Unicode (a lone surrogate); clean it first")
     if not hash_fields:
         return None if metadata is None else dict(metadata)
     result = dict(metadata or {})
