@@ -36,3 +36,7 @@ class OutputError(LorakitError):
 
 class InputError(LorakitError):
     """An input file is missing, is a folder, or cannot be read (permissions)."""
+
+
+class ConfigError(LorakitError, ValueError):
+    """An option or configuration value is out of range or inconsistent."""

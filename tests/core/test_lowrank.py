@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lorakit.core.lowrank import concat_factors, factor_svd, pick_rank, truncate
+from lorakit.errors import ShapeError
 
 torch.set_num_threads(1)
 
@@ -59,7 +60,7 @@ def test_concat_is_the_weighted_sum_of_deltas():
 def test_concat_refuses_mixed_kernels():
     a = _factors(8, 8, 2, 0, kernel=(3, 3))
     b = _factors(8, 8, 2, 1, kernel=(1, 1))
-    with pytest.raises(ValueError, match="different input shapes"):
+    with pytest.raises(ShapeError, match="different input shapes"):
         concat_factors([(*a, 1.0), (*b, 1.0)])
 
 

@@ -5,10 +5,10 @@ values, and the very same tensors go into lorakit (``attach_patches`` with ``Lor
 ``load_adapter_state_dict``). Outputs agree at fp32 ``atol=1e-5``.
 
 Multi-adapter weighting: PEFT's ``LoraLayer.set_scale(name, w)`` sets ``scaling = w * alpha / r`` (what diffusers'
-``set_adapters(weights=...)`` does), and with ``set_adapter([a, b])`` the forward is ``base + sum_i scaling_i B_i A_i x``
-= ``sum_i w_i * scale_i * B_i A_i``, which is lorakit's ``W + sum_i s_i dW_i``. ``add_weighted_adapter(...,
-combination_type="cat")`` builds one adapter with ``A = cat(w_i * scale_i * A_i)``, ``B = cat(B_i)`` and scale 1: the
-same sum, computed another way, used as a second oracle.
+``set_adapters(weights=...)`` does), and with ``set_adapter([a, b])`` the forward is
+``base(x) + sum_i scaling_i B_i A_i x``: the delta ``sum_i w_i * scale_i * B_i A_i``, lorakit's ``sum_i s_i dW_i``.
+``add_weighted_adapter(..., combination_type="cat")`` builds one adapter with ``A = cat(w_i * scale_i * A_i)``,
+``B = cat(B_i)`` and scale 1: the same sum, computed another way, used as a second oracle.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_CONVS, TINY_LINEARS, build_tiny, tiny_input
 from peft import LoraConfig as PeftConfig
 from peft import get_peft_model
 from peft.tuners.lora import LoraLayer
 
+from conftest import TINY_CONVS, TINY_LINEARS, build_tiny, tiny_input
 from lorakit.core import (
     DoraMagnitude,
     LoraConfig,
@@ -124,11 +124,11 @@ def test_rslora_scaling_matches_peft(rank):
 
 
 def _two_adapter_peft(base):
-    """PEFT with adapter "a" (rank 2) on the Linears and the 1x1 conv, "b" (rank 3) on every layer."""
-    pm = make_peft(base, TINY_LINEARS + ["proj"], r=2, alpha=4.0, name="a")
-    pm.add_adapter("b", PeftConfig(r=3, lora_alpha=1.5, target_modules=ALL))
+    """PEFT with adapter "first" (rank 2) on the Linears and the 1x1 conv, "second" (rank 3) on every layer."""
+    pm = make_peft(base, TINY_LINEARS + ["proj"], r=2, alpha=4.0, name="first")
+    pm.add_adapter("second", PeftConfig(r=3, lora_alpha=1.5, target_modules=ALL))
     pm.eval()
-    return pm, randomize(pm, "a", seed=7), randomize(pm, "b", seed=8)
+    return pm, randomize(pm, "first", seed=7), randomize(pm, "second", seed=8)
 
 
 @pytest.mark.parametrize("weights", [(0.7, -1.3), (1.0, 1.0), (0.0, 2.5)])
@@ -136,13 +136,13 @@ def test_several_adapters_with_weights_match_peft(weights):
     wa, wb = weights
     base, x = build_tiny(9), tiny_input(9)
     pm, pa, pb = _two_adapter_peft(base)
-    pm.base_model.set_adapter(["a", "b"])
+    pm.base_model.set_adapter(["first", "second"])
     for layer in (m for m in pm.modules() if isinstance(m, LoraLayer)):
-        layer.set_scale("a", wa)  # scaling = w * alpha / r, as diffusers' set_adapters does
-        layer.set_scale("b", wb)
+        layer.set_scale("first", wa)  # scaling = w * alpha / r, as diffusers' set_adapters does
+        layer.set_scale("second", wb)
     ours = copy.deepcopy(base)
-    attach_patches(ours, pa, "a", weight=wa)
-    hb = attach_patches(ours, pb, "b")
+    attach_patches(ours, pa, "first", weight=wa)
+    hb = attach_patches(ours, pb, "second")
     hb.set_weight(wb)
     with torch.no_grad():
         ref = pm(x)
@@ -157,11 +157,11 @@ def test_several_adapters_match_peft_cat_combination():
     wa, wb = 0.6, -0.9
     base, x = build_tiny(10), tiny_input(10)
     pm, pa, pb = _two_adapter_peft(base)
-    pm.add_weighted_adapter(["a", "b"], [wa, wb], "ab", combination_type="cat")
+    pm.add_weighted_adapter(["first", "second"], [wa, wb], "ab", combination_type="cat")
     pm.set_adapter("ab")
     ours = copy.deepcopy(base)
-    attach_patches(ours, pa, "a", weight=wa)
-    attach_patches(ours, pb, "b", weight=wb)
+    attach_patches(ours, pa, "first", weight=wa)
+    attach_patches(ours, pb, "second", weight=wb)
     with torch.no_grad():
         close(ours(x), pm(x))
 
@@ -211,8 +211,13 @@ def test_fuse_unfuse_round_trips_stay_on_peft():
         close(ours(x), merged)
 
 
-@pytest.mark.parametrize("target", ["blocks.0.to_q", "blocks.0.to_v", "proj", "conv_in", "conv_mid"],
-                         ids=["linear", "linear-nobias", "conv1x1", "conv3x3-stride-pad", "conv3x3-nobias"])
+@pytest.mark.parametrize("target", [
+    pytest.param("blocks.0.to_q", id="linear"),
+    pytest.param("blocks.0.to_v", id="linear-nobias"),
+    pytest.param("proj", id="conv1x1"),
+    pytest.param("conv_in", id="conv3x3-stride-pad"),
+    pytest.param("conv_mid", id="conv3x3-nobias"),
+])
 def test_dora_row_axis_matches_peft(target):
     """LoraPatch + DoraMagnitude(m, "out") equals PEFT's use_dora layer with the same A, B and magnitude vector."""
     base, x = build_tiny(15), tiny_input(15)

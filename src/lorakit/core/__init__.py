@@ -17,7 +17,16 @@ from lorakit.core.model import (
     load_adapter_state_dict,
     unfuse,
 )
-from lorakit.core.patches import DoraMagnitude, FullPatch, Ia3Patch, LohaPatch, LokrPatch, LoraPatch, Patch, apply_patches
+from lorakit.core.patches import (
+    DoraMagnitude,
+    FullPatch,
+    Ia3Patch,
+    LohaPatch,
+    LokrPatch,
+    LoraPatch,
+    Patch,
+    apply_patches,
+)
 
 __all__ = [
     "AdapterHandle",

@@ -52,6 +52,10 @@ class Adapter(nn.Module):
         """The adapter's output ``D x`` at full strength for the layer's input ``x``."""
         raise NotImplementedError
 
+    def add_delta(self, y: Tensor, x: Tensor, layer: nn.Module, s: float) -> Tensor:
+        """``y + s * D x`` in ``y``'s dtype (a new tensor: ``y`` is not modified)."""
+        return y + (self.forward_delta(x, layer) * s).to(y.dtype)
+
     def to_patch(self) -> Patch:
         """The adapter as a detached canonical patch."""
         raise NotImplementedError
@@ -116,18 +120,29 @@ class LoraAdapter(Adapter):
     def low_rank(self) -> bool:
         return True
 
-    def forward_delta(self, x: Tensor, layer: nn.Module) -> Tensor:
+    def _unscaled_delta(self, x: Tensor, layer: nn.Module) -> Tensor:
+        """``B(A(dropout(x)))``, without the scale."""
         a = self.lora_A
-        x = self.dropout(x).to(a.dtype)
+        if not isinstance(self.dropout, nn.Identity):  # skip a module call per layer when there is no dropout
+            x = self.dropout(x)
+        x = x.to(a.dtype)
         if isinstance(layer, nn.Conv2d):
             if self.lora_mid is None:
                 h = F.conv2d(x, a, **_conv_args(layer))
             else:
                 h = F.conv2d(F.conv2d(x, a), self.lora_mid, **_conv_args(layer))
-            h = F.conv2d(h, self.lora_B)
-        else:
-            h = F.linear(F.linear(x, a), self.lora_B.flatten(1))
-        return h * self.scale
+            return F.conv2d(h, self.lora_B)
+        return F.linear(F.linear(x, a), self.lora_B.flatten(1))
+
+    def forward_delta(self, x: Tensor, layer: nn.Module) -> Tensor:
+        return self._unscaled_delta(x, layer) * self.scale
+
+    def add_delta(self, y: Tensor, x: Tensor, layer: nn.Module, s: float) -> Tensor:
+        # scale, strength and sum in one op: y + (scale * s) * B(A x)
+        h = self._unscaled_delta(x, layer)
+        if h.dtype == y.dtype:
+            return torch.add(y, h, alpha=self.scale * s)
+        return y + (h * (self.scale * s)).to(y.dtype)
 
     def to_patch(self) -> LoraPatch:
         # An rsLoRA scale alpha/sqrt(r) is stored as the equivalent plain alpha, so every reader gets the strength.

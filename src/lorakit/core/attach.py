@@ -96,7 +96,15 @@ def wrap(model: nn.Module, name: str) -> AdaptedLayer:
     return layer
 
 
+def check_adapter_name(name: str) -> None:
+    """Refuse a name that cannot key the layers' ``nn.ModuleDict`` (empty, dotted, or a Module attribute)."""
+    if not isinstance(name, str) or not name or "." in name or hasattr(nn.ModuleDict(), name):
+        raise AdapterError(f"{name!r} cannot name an adapter: use a non-empty name without dots that is not an "
+                           f"nn.Module attribute (such as 'train' or 'to'), e.g. 'style' or 'lora_1'")
+
+
 def new_state(model: nn.Module, name: str, weight: float, replace: bool) -> AdapterState:
+    check_adapter_name(name)
     reg = registry(model)
     if name in reg and not replace:
         raise AdapterError(f"adapter {name!r} is already attached to this model; remove it first or choose another "

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from lorakit.errors import ConfigError
+
 __all__ = ["LoraConfig"]
 
 
@@ -38,15 +40,15 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         if self.rank < 1:
-            raise ValueError(f"rank must be at least 1, not {self.rank}")
+            raise ConfigError(f"rank must be at least 1, not {self.rank}")
         if self.conv_rank is not None and self.conv_rank < 1:
-            raise ValueError(f"conv_rank must be at least 1, not {self.conv_rank}")
+            raise ConfigError(f"conv_rank must be at least 1, not {self.conv_rank}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
+            raise ConfigError(f"dropout must be in [0, 1), not {self.dropout}")
         for name in ("alpha", "conv_alpha"):
             value = getattr(self, name)
             if value is not None and value <= 0:
-                raise ValueError(f"{name} must be positive, not {value}")
+                raise ConfigError(f"{name} must be positive, not {value}")
 
     def rank_alpha(self, kernel_numel: int) -> tuple[int, float] | None:
         """Rank and alpha for a layer whose kernel has ``kernel_numel`` elements, or None to skip the layer."""

@@ -42,6 +42,15 @@ class AdaptedLayer(nn.Module):
         self.fused: set[str] = set()
         self._original: dict[str, Tensor] = {}
 
+    @property
+    def weight(self) -> Tensor:
+        """The wrapped layer's weight, so code that reads ``module.weight`` (dtype, device) keeps working."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
     # --- adapters ---------------------------------------------------------------------------------------------
     def add(self, name: str, adapter: Adapter) -> None:
         self.adapters[name] = adapter
@@ -57,17 +66,24 @@ class AdaptedLayer(nn.Module):
 
     # --- forward ----------------------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        active = [(a, a.strength()) for n, a in self.adapters.items() if n not in self.fused]
-        active = [(a, s) for a, s in active if s != 0.0]
+        base, fused = self.base_layer, self.fused
+        active = []
+        for name, adapter in self.adapters.items():
+            if name not in fused:
+                s = adapter.strength()
+                if s != 0.0:
+                    active.append((adapter, s))
         if not active:
-            return self.base_layer(x, *args, **kwargs)
-        if not isinstance(self.base_layer, SUPPORTED_LAYERS):
+            return base(x, *args, **kwargs)
+        if not isinstance(base, SUPPORTED_LAYERS):
             return self._forward_functional(x, active, *args, **kwargs)
-        y = self.base_layer(x, *args, **kwargs)
-        dense = [(a, s) for a, s in active if not a.low_rank]
+        y = base(x, *args, **kwargs)
+        dense = []
         for adapter, s in active:
             if adapter.low_rank:
-                y = y + (adapter.forward_delta(x, self.base_layer) * s).to(y.dtype)
+                y = adapter.add_delta(y, x, base, s)
+            else:
+                dense.append((adapter, s))
         if dense:
             weight, bias = self._dense_effect(dense)
             y = y + _linear_like(self.base_layer, x.to(weight.dtype), weight, bias).to(y.dtype)

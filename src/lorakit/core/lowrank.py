@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lorakit.errors import ConfigError, ShapeError
+
 __all__ = ["FactorSVD", "concat_factors", "factor_svd", "pick_rank", "truncate"]
 
 
@@ -58,7 +60,7 @@ def concat_factors(parts: Sequence[tuple[Tensor, Tensor, float]]) -> tuple[Tenso
     downs = [d.to(torch.float32) for _, d, _ in parts]
     kernels = {tuple(d.shape[1:]) for d in downs}
     if len(kernels) != 1:
-        raise ValueError(f"cannot concatenate LoRA factors with different input shapes: {sorted(kernels)}")
+        raise ShapeError(f"cannot concatenate LoRA factors with different input shapes: {sorted(kernels)}")
     return torch.cat(ups, dim=1), torch.cat(downs, dim=0)
 
 
@@ -76,7 +78,7 @@ def pick_rank(s: Tensor, *, rank: int | None = None, fro: float | None = None, r
     """
     n = int(s.numel())
     if sum(x is not None for x in (rank, fro, ratio, cumulative)) != 1:
-        raise ValueError("give exactly one of rank, fro, ratio, cumulative")
+        raise ConfigError("give exactly one of rank, fro, ratio, cumulative")
     nonzero = int((s > s[0] * 1e-12).sum()) if n and s[0] > 0 else 0
     if rank is not None:
         k = rank

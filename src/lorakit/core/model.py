@@ -87,6 +87,7 @@ class AdapterHandle:
 
     def set_multipliers(self, multipliers: Mapping[str, float]) -> None:
         """Per-module factors on top of the weight (block weights); modules not named keep theirs."""
+        _ = self._state  # raises AdapterError once the adapter is removed
         for name, layer in adapted_layers(self.model):
             if name in multipliers and self.name in layer.adapters:
                 layer.adapters[self.name].multiplier = float(multipliers[name])
@@ -175,7 +176,15 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
 
 
 def fuse(model: nn.Module, names: Sequence[str] | None = None) -> None:
-    """Fold adapters into the base weights (fp32 accumulation, one cast); keep the originals for unfuse."""
+    """Fold adapters into the base weights (fp32 accumulation, one cast); keep the originals for unfuse.
+
+    Raises:
+        AdapterError: a name in ``names`` is not attached (nothing is fused then).
+    """
+    unknown = [n for n in names or () if n not in registry(model)]
+    if unknown:
+        raise AdapterError(f"cannot fuse {unknown}: no such adapter on this model (attached: "
+                           f"{sorted(registry(model)) or 'none'})")
     for _, layer in adapted_layers(model):
         layer.fuse(None if names is None else list(names))
 
@@ -201,7 +210,13 @@ def adapter_patches(model: nn.Module, name: str) -> dict[str, Patch]:
 
 def adapter_state_dict(model: nn.Module, name: str) -> dict[str, Tensor]:
     """The tensors of one adapter: ``{module}.lora_A``/``lora_B``/``lora_mid``/``alpha`` for LoRA, ``{module}.<field>``
-    for other kinds. Detached clones, safe to save."""
+    for other kinds. Detached clones, safe to save.
+
+    Raises:
+        AdapterError: no adapter ``name`` is attached.
+    """
+    if name not in registry(model):
+        raise AdapterError(f"no adapter named {name!r} on this model (attached: {sorted(registry(model)) or 'none'})")
     out: dict[str, Tensor] = {}
     for mod, layer in adapted_layers(model):
         adapter = layer.adapters[name] if name in layer.adapters else None

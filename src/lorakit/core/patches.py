@@ -41,10 +41,13 @@ def _f32(t: Tensor | None) -> Tensor | None:
 
 
 def _fit(delta: Tensor, shape: torch.Size | None, what: str) -> Tensor:
-    """Reshape a delta to the target weight's shape, refusing any mismatch in element count."""
+    """Reshape a delta to the target weight's shape (a flat conv kernel, a 1x1 conv stored as Linear).
+
+    Output rows must agree as well as the element count, so a transposed matrix is refused, not scrambled.
+    """
     if shape is None or tuple(delta.shape) == tuple(shape):
         return delta
-    if delta.numel() != math.prod(shape):
+    if delta.numel() != math.prod(shape) or delta.shape[0] != shape[0]:
         raise ShapeError(f"{what} gives a delta of shape {tuple(delta.shape)}, which cannot fit a weight of shape "
                          f"{tuple(shape)}; the adapter was made for another layer or model")
     return delta.reshape(shape)
