@@ -33,7 +33,7 @@ class RateColumn(ProgressColumn):
 
 
 def progress_bar(*extra: str, unit: str = "it", disable: bool = False) -> Progress:
-    """A rich Progress on stderr; ``extra`` are format strings over task fields, e.g. ``"loss {task.fields[loss]:.4f}"``."""
+    """A rich Progress on stderr; ``extra`` are format strings over task fields (``"loss {task.fields[loss]:.4f}"``)."""
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit)]
     columns += [TextColumn(e) for e in extra]
     columns += [TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
