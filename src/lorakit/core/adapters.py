@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +26,9 @@ class AdapterState:
     name: str
     weight: float = 1.0
     enabled: bool = True
-    fused_layers: weakref.WeakSet = field(default_factory=weakref.WeakSet, repr=False)
-    """Layers whose weight holds this adapter fused in: only they need work when the weight changes."""
+    fused_in: int = 0
+    """How many layers hold this adapter fused into their weight; a weight change visits layers only when > 0.
+    A count, not references to layers, so that models with adapters still pickle and deep-copy."""
 
 
 class Adapter(nn.Module):

@@ -40,6 +40,7 @@ class AdaptedLayer(nn.Module):
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict()
         self.fused: set[str] = set()
+        self._counted: set[str] = set()  # fused adapters already counted in their AdapterState.fused_in
         self._original: dict[str, Tensor] = {}
 
     @property
@@ -58,7 +59,7 @@ class AdaptedLayer(nn.Module):
             self.refuse()
 
     def remove(self, name: str) -> None:
-        self.adapters[name].state.fused_layers.discard(self)
+        self._count_fused(name, False)
         if name in self.fused:
             self.fused.discard(name)
             self.refuse()
@@ -143,14 +144,21 @@ class AdaptedLayer(nn.Module):
         self.fused.clear()
         self.refuse()
 
+    def _count_fused(self, name: str, fused: bool) -> None:
+        """Keep the adapter's count of fused layers in step with this layer's own record."""
+        counted = self._counted
+        if fused and name not in counted:
+            counted.add(name)
+            self.adapters[name].state.fused_in += 1
+        elif not fused and name in counted:
+            counted.discard(name)
+            self.adapters[name].state.fused_in -= 1
+
     @torch.no_grad()
     def refuse(self) -> None:
         """Recompute the fused weight from the kept original (after a weight change or a new fused set)."""
-        for name, adapter in self.adapters.items():
-            if name in self.fused:
-                adapter.state.fused_layers.add(self)
-            else:
-                adapter.state.fused_layers.discard(self)
+        for name in self.adapters:
+            self._count_fused(name, name in self.fused)
         if not self.fused:
             self._restore()
             return

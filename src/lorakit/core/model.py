@@ -101,8 +101,10 @@ class AdapterHandle:
         remove_adapter(self.model, self.name)
 
     def _refuse_if_fused(self) -> None:
-        for layer in list(self._state.fused_layers):
-            layer.refuse()
+        if self._state.fused_in:
+            for _, layer in adapted_layers(self.model):
+                if self.name in layer.fused:
+                    layer.refuse()
 
 
 def attach_lora(model: nn.Module, config: LoraConfig, name: str = "default", *, weight: float = 1.0,
@@ -113,8 +115,9 @@ def attach_lora(model: nn.Module, config: LoraConfig, name: str = "default", *, 
     """
     found = match_modules(model, config.targets, config.exclude, allow_missing=config.allow_missing)
     state = new_state(model, name, weight, replace)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    for param_name, p in model.named_parameters():
+        if ".adapters." not in param_name:  # freeze the base model; other adapters keep their own setting
+            p.requires_grad_(False)
     targeted = []
     for module_name in found:
         layer = model.get_submodule(module_name)
