@@ -148,7 +148,7 @@ def check_patch_fits(layer: nn.Module, patch: Patch, where: str) -> None:
         raise ShapeError(f"adapter for {where}: the module {type(layer).__name__} has no weight to patch")
     if isinstance(patch, LoraPatch) and isinstance(layer, SUPPORTED_LAYERS):
         check_lora_fits(layer, patch, where)
-    meta = _to_meta(patch)
+    meta = patch.to("meta")
     try:
         effect = meta.effect(weight.to("meta"))
     except (RuntimeError, ShapeError) as err:
@@ -161,16 +161,6 @@ def check_patch_fits(layer: nn.Module, patch: Patch, where: str) -> None:
     if db is not None and (bias is None or db.numel() != bias.numel()):
         raise ShapeError(f"adapter for {where}: a bias difference of {db.numel()} values for a layer with "
                          f"{'no bias' if bias is None else f'{bias.numel()} bias values'}")
-
-
-def _to_meta(patch: Patch) -> Patch:
-    import dataclasses
-
-    changes = {f.name: getattr(patch, f.name).to("meta") for f in dataclasses.fields(patch)
-               if isinstance(getattr(patch, f.name), torch.Tensor)}
-    if patch.dora is not None:
-        changes["dora"] = dataclasses.replace(patch.dora, magnitude=patch.dora.magnitude.to("meta"))
-    return dataclasses.replace(patch, **changes)
 
 
 def adapter_for(state: AdapterState, patch: Patch) -> Adapter:

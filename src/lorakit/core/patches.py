@@ -16,6 +16,7 @@ Dialect names (``lora_down``, ``hada_w1_a``...) belong to ``lorakit.formats``; t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -134,6 +135,15 @@ class Patch:
     def bias_effect(self) -> Tensor | None:
         """Full-strength change of the layer's bias in fp32, or None."""
         return None
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Patch:
+        """A copy with every tensor moved or cast (``"meta"`` gives shapes without memory)."""
+        changes = {f.name: getattr(self, f.name).to(device=device, dtype=dtype) for f in dataclasses.fields(self)
+                   if isinstance(getattr(self, f.name), Tensor)}
+        if self.dora is not None:
+            changes["dora"] = dataclasses.replace(self.dora, magnitude=self.dora.magnitude.to(device=device,
+                                                                                             dtype=dtype))
+        return dataclasses.replace(self, **changes)
 
     def tensors(self) -> dict[str, Tensor]:
         """The patch's tensors by canonical name (None entries left out), DoRA magnitude as ``dora_scale``."""

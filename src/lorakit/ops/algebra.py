@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from lorakit.core.attach import _to_meta
 from lorakit.core.lowrank import FactorSVD
 from lorakit.core.patches import LoraPatch, Patch
 from lorakit.errors import LorakitError
+from lorakit.formats.canonical import LoraFile
 
-__all__ = ["ModuleReport", "delta_shape", "dense_svd", "factors_of", "lora_from_factors", "plain_lora"]
+__all__ = ["LoraResult", "ModuleReport", "delta_shape", "dense_svd", "factors_of", "lora_from_factors", "plain_lora"]
 
 
 @dataclass
@@ -31,6 +31,18 @@ class ModuleReport:
     def energy_kept(self) -> float:
         """Fraction of the squared Frobenius norm kept: ``1 - error^2``."""
         return 1.0 - self.error**2
+
+
+@dataclass
+class LoraResult:
+    """A LoRA made by an operation (merge, resize, extract) and what happened to each target."""
+
+    lora: LoraFile
+    modules: list[ModuleReport] = field(default_factory=list)
+
+    @property
+    def worst_error(self) -> float:
+        return max((m.error for m in self.modules), default=0.0)
 
 
 def plain_lora(patch: Patch) -> bool:
@@ -65,7 +77,7 @@ def dense_svd(delta: Tensor) -> FactorSVD:
 
 def delta_shape(patch: Patch) -> torch.Size:
     """Shape of a patch's additive delta, computed on the meta device (no memory, no arithmetic)."""
-    return _to_meta(patch).delta().shape
+    return patch.to("meta").delta().shape
 
 
 def require_additive(patch: Patch, target: str, what: str) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
@@ -18,6 +17,7 @@ from lorakit.core.patches import FullPatch, Patch
 from lorakit.errors import LorakitError
 from lorakit.formats.canonical import LoraFile, Target
 from lorakit.ops.algebra import (
+    LoraResult,
     ModuleReport,
     delta_shape,
     dense_svd,
@@ -27,19 +27,7 @@ from lorakit.ops.algebra import (
     require_additive,
 )
 
-__all__ = ["MergeResult", "merge_loras"]
-
-
-@dataclass
-class MergeResult:
-    """The merged LoRA and a per-target report."""
-
-    lora: LoraFile
-    modules: list[ModuleReport] = field(default_factory=list)
-
-    @property
-    def worst_error(self) -> float:
-        return max((m.error for m in self.modules), default=0.0)
+__all__ = ["merge_loras"]
 
 
 def _is_conv(shape: torch.Size) -> bool:
@@ -81,7 +69,7 @@ def _common_shape(name: str, parts: list[tuple[Patch, float]]) -> torch.Size:
 
 def merge_loras(inputs: Sequence[tuple[LoraFile, float]], *, method: str = "concat", rank: int | None = None,
                 conv_rank: int | None = None, dtype: torch.dtype | None = None,
-                multipliers: Callable[[Target], float] | None = None) -> MergeResult:
+                multipliers: Callable[[Target], float] | None = None) -> LoraResult:
     """Merge LoRAs at weights into one LoRA.
 
     Args:
@@ -114,7 +102,7 @@ def merge_loras(inputs: Sequence[tuple[LoraFile, float]], *, method: str = "conc
             factor = weight * (multipliers(target) if multipliers else 1.0)
             grouped.setdefault(target, []).append((patch, factor))
     merged = LoraFile(dialect="lorakit", arch=next(iter(archs), None), arch_reason="merged inputs")
-    result = MergeResult(merged)
+    result = LoraResult(merged)
     for target in sorted(grouped):
         parts = [(p, w) for p, w in grouped[target] if w != 0.0]
         if not parts:

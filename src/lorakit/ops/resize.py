@@ -6,32 +6,18 @@ file); the same truncation follows from two thin QRs and an ``r x r`` SVD per mo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 from lorakit.core.lowrank import factor_svd, pick_rank, truncate
 from lorakit.formats.canonical import LoraFile
-from lorakit.ops.algebra import ModuleReport, lora_from_factors, plain_lora
+from lorakit.ops.algebra import LoraResult, ModuleReport, lora_from_factors, plain_lora
 
-__all__ = ["ResizeResult", "resize_lora"]
-
-
-@dataclass
-class ResizeResult:
-    """The resized LoRA and what happened to each target."""
-
-    lora: LoraFile
-    modules: list[ModuleReport] = field(default_factory=list)
-
-    @property
-    def worst_error(self) -> float:
-        return max((m.error for m in self.modules), default=0.0)
+__all__ = ["resize_lora"]
 
 
 def resize_lora(lora: LoraFile, *, rank: int | None = None, fro: float | None = None, ratio: float | None = None,
                 cumulative: float | None = None, max_rank: int | None = None, conv_rank: int | None = None,
-                dtype: torch.dtype | None = None) -> ResizeResult:
+                dtype: torch.dtype | None = None) -> LoraResult:
     """Truncate every plain LoRA patch to a smaller rank; other kinds are kept as they are.
 
     Args:
@@ -48,7 +34,7 @@ def resize_lora(lora: LoraFile, *, rank: int | None = None, fro: float | None = 
         A new LoraFile (alpha = new rank, so scale 1 and the strength is unchanged) and per-module errors.
     """
     out = LoraFile(metadata=dict(lora.metadata), dialect=lora.dialect, arch=lora.arch, arch_reason=lora.arch_reason)
-    result = ResizeResult(out)
+    result = LoraResult(out)
     for target, patch in lora.patches.items():
         if not plain_lora(patch):
             out.patches[target] = patch
