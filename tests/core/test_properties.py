@@ -277,6 +277,6 @@ def test_fresh_adapter_is_kaiming_a_zero_b_and_leaves_output_unchanged(seed, ran
         assert torch.count_nonzero(b) == 0
         # kaiming_uniform_(a=sqrt(5)) draws from U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = in * kh * kw of A.
         bound = 1.0 / math.sqrt(math.prod(a.shape[1:]))
-        assert a.abs().max() <= bound and torch.unique(a).numel() == a.numel(), name
+        assert a.abs().max() <= bound and torch.unique(a).numel() >= 0.9 * a.numel(), name  # random, not constant
         if a.numel() >= 100:  # U(-b, b) has std b / sqrt(3) = 0.577 b
             assert 0.45 * bound < a.std() < 0.7 * bound, name
