@@ -6,6 +6,7 @@ adapter's weight is one float assignment for the whole model: no layer is visite
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ class AdapterState:
     A count, not references to layers, so that models with adapters still pickle and deep-copy."""
 
 
-class Adapter(nn.Module):
+class Adapter(nn.Module, abc.ABC):
     """Base of the per-layer adapter modules."""
 
     def __init__(self, state: AdapterState) -> None:
@@ -45,20 +46,12 @@ class Adapter(nn.Module):
 
     @property
     def low_rank(self) -> bool:
-        """True when ``forward_delta`` computes the adapter's output without forming ``dW``."""
+        """True when the adapter has ``add_delta``, an output path that never forms ``dW`` (LoRA only)."""
         return False
 
-    def forward_delta(self, x: Tensor, layer: nn.Module) -> Tensor:
-        """The adapter's output ``D x`` at full strength for the layer's input ``x``."""
-        raise NotImplementedError
-
-    def add_delta(self, y: Tensor, x: Tensor, layer: nn.Module, s: float) -> Tensor:
-        """``y + s * D x`` in ``y``'s dtype (a new tensor: ``y`` is not modified)."""
-        return y + (self.forward_delta(x, layer) * s).to(y.dtype)
-
+    @abc.abstractmethod
     def to_patch(self) -> Patch:
         """The adapter as a detached canonical patch."""
-        raise NotImplementedError
 
     def effect(self, weight: Tensor) -> Tensor:
         """Full-strength change ``D(W)`` in fp32."""
@@ -135,10 +128,12 @@ class LoraAdapter(Adapter):
         return F.linear(F.linear(x, a), self.lora_B.flatten(1))
 
     def forward_delta(self, x: Tensor, layer: nn.Module) -> Tensor:
+        """The adapter's output ``scale * B(A x)`` at full strength for the layer's input ``x``."""
         return self._unscaled_delta(x, layer) * self.scale
 
     def add_delta(self, y: Tensor, x: Tensor, layer: nn.Module, s: float) -> Tensor:
-        # scale, strength and sum in one op: y + (scale * s) * B(A x)
+        """``y + s * scale * B(A x)`` in ``y``'s dtype, as a new tensor (``y`` is not modified)."""
+        # scale, strength and sum in one op
         h = self._unscaled_delta(x, layer)
         if h.dtype == y.dtype:
             return torch.add(y, h, alpha=self.scale * s)
@@ -171,6 +166,3 @@ class PatchAdapter(Adapter):
         if self._template.dora is not None:
             changes["dora"] = dataclasses.replace(self._template.dora, magnitude=self.dora_scale)
         return dataclasses.replace(self._template, **changes)
-
-    def forward_delta(self, x: Tensor, layer: nn.Module) -> Tensor:
-        raise NotImplementedError("a PatchAdapter acts through the layer's weight")

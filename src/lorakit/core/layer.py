@@ -17,6 +17,7 @@ from torch.func import functional_call
 
 from lorakit.core.adapters import Adapter
 from lorakit.core.patches import Patch
+from lorakit.errors import ShapeError
 
 __all__ = ["AdaptedLayer", "SUPPORTED_LAYERS"]
 
@@ -169,7 +170,9 @@ class AdaptedLayer(nn.Module):
         self.base_layer.weight.data.copy_(weight)
         if bias is not None:
             if getattr(self.base_layer, "bias", None) is None:
-                raise NotImplementedError("fusing a bias difference into a layer without bias")
+                # attach refuses this (check_patch_fits); reaching it means a patch was swapped in afterwards
+                raise ShapeError(f"a bias difference cannot be fused into {type(self.base_layer).__name__} "
+                                 f"without a bias")
             self.base_layer.bias.data.copy_(bias)
 
     @torch.no_grad()

@@ -117,7 +117,9 @@ class Patch:
 
     def delta(self, shape: torch.Size | None = None) -> Tensor:
         """The additive delta ``dW`` in fp32, scale included, reshaped to ``shape`` when given."""
-        raise NotImplementedError(f"{type(self).__name__} has no weight-independent delta; use effect(weight)")
+        # only (IA)^3 lacks one, and it overrides effect(); callers check `additive` before asking
+        raise ShapeError(f"{type(self).__name__} has no weight-independent delta: its effect depends on the base "
+                         f"weight; apply it to a model or bake it into a checkpoint")
 
     @property
     def additive(self) -> bool:
