@@ -67,6 +67,17 @@ def _layout(names: frozenset[str]) -> tuple[int, frozenset[int]]:
     return len(per_down), up_with_attn
 
 
+_LAST_LAYOUT: list = [None, 0, None]
+"""The last table asked about, its size and its layout: callers map a whole file against one table, and hashing the
+table's names for ``_layout``'s cache on every call costs more than the mapping itself."""
+
+
+def _layout_of(table: Mapping[str, object]) -> tuple[int, frozenset[int]]:
+    if _LAST_LAYOUT[0] is not table or _LAST_LAYOUT[1] != len(table):
+        _LAST_LAYOUT[:] = [table, len(table), _layout(frozenset(table))]
+    return _LAST_LAYOUT[2]
+
+
 def _part(kind: str, rest: str) -> str:
     """The LDM name of a module inside a resnet or attention block (resnet parts renamed, attention parts kept)."""
     if kind == "attentions":
@@ -88,7 +99,7 @@ def unet_to_original(module: str, table: Mapping[str, object]) -> OriginalRef:
     """
     if module in _TOP:
         return OriginalRef(_TOP[module])
-    per_down, up_with_attn = _layout(frozenset(table))
+    per_down, up_with_attn = _layout_of(table)
     per_up = per_down + 1
     slot = {"resnets": 0, "attentions": 1}
     if m := _BLOCK_PART.fullmatch(module):

@@ -223,6 +223,20 @@ def _is_count(value: Any) -> bool:
 
 
 def _validate_entry(key: str, value: Any, name: str, data_size: int) -> TensorEntry:
+    # The well-formed case in a few checks (a LoRA has thousands of entries); any doubt goes to the slow path,
+    # which applies the same rules one by one and names the broken one.
+    if type(value) is dict:
+        dtype, shape, offsets = value.get("dtype"), value.get("shape"), value.get("data_offsets")
+        if type(dtype) is str and dtype in TORCH_DTYPES and type(shape) is list and type(offsets) is list:
+            if len(offsets) == 2 and type(offsets[0]) is int and type(offsets[1]) is int:
+                begin, end = offsets
+                if 0 <= begin <= end <= data_size and all(type(dim) is int and dim >= 0 for dim in shape):
+                    if end - begin == math.prod(shape) * ITEM_SIZES[dtype]:
+                        return TensorEntry(name=key, dtype=dtype, shape=tuple(shape), begin=begin, end=end)
+    return _validate_entry_slowly(key, value, name, data_size)
+
+
+def _validate_entry_slowly(key: str, value: Any, name: str, data_size: int) -> TensorEntry:
     where = f"tensor {_short(key)}"
     if not isinstance(value, dict):
         raise header_error(name, f"{where} is a JSON {_json_type(value)}, not an object")

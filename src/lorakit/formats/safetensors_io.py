@@ -48,7 +48,10 @@ _PICKLE_PROTOCOL = 0x80
 
 
 def read_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a whole safetensors file into memory (for small files such as LoRAs; use the reader for checkpoints).
+    """Read a whole safetensors file (for small files such as LoRAs; use the reader for checkpoints).
+
+    The tensors are views of a private, copy-on-write map of the file (``SafetensorsReader.read_all``): nothing is
+    copied until used, and writing to a tensor never changes the file.
 
     Args:
         path: the safetensors file.
@@ -61,7 +64,7 @@ def read_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], di
         FileFormatError: the file is not a valid safetensors file.
     """
     with SafetensorsReader(path) as reader:
-        return dict(reader.items()), reader.metadata
+        return reader.read_all(), reader.metadata
 
 
 def looks_like_safetensors(path: str | os.PathLike[str]) -> bool:

@@ -1,8 +1,11 @@
-"""Read a safetensors file tensor by tensor with plain reads.
+"""Read a safetensors file tensor by tensor with plain reads, or a small file all at once through a private map.
 
-No memory map: safetensors' own loaders map the file, and mapped pages count in the process's memory (5 GB for an
-SDXL checkpoint). Here each ``get`` reads exactly one tensor's bytes into a fresh tensor, so peak memory is the
-largest tensor asked for, and the tensor returned owns its memory (closing the file does not invalidate it).
+``get`` reads exactly one tensor's bytes into a fresh tensor, so peak memory is the largest tensor asked for, and the
+tensor returned owns its memory (closing the file does not invalidate it): the way to stream a checkpoint, whose
+mapped pages would all count in the process's memory once touched (5 GB for an SDXL checkpoint).
+
+``read_all`` is for LoRA-sized files: it maps the file copy-on-write and returns views, so reading costs no copy and
+no page is touched until a tensor's values are used (a conversion that only renames keys reads almost nothing).
 """
 
 from __future__ import annotations
@@ -39,6 +42,14 @@ def open_input(path: str | os.PathLike[str]) -> BinaryIO:
         raise InputError(f"{path}: is a folder, not a file; name the file inside it") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot be read ({exc.strerror}); check its permissions") from None
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for dim in reversed(shape):
+        strides.append(step)
+        step *= max(dim, 1)
+    return tuple(reversed(strides))
 
 
 class SafetensorsReader:
@@ -162,6 +173,32 @@ class SafetensorsReader:
         buffer = torch.empty(stop - start, dtype=torch.uint8)
         self._read_into(buffer, self.data_offset + entry.begin + start, entry.name)
         return buffer.numpy().tobytes()
+
+    def read_all(self) -> dict[str, torch.Tensor]:
+        """Every tensor, as views of a private (copy-on-write) mapping of the file (for small files such as LoRAs).
+
+        Nothing is read until a tensor's values are used, so reading a LoRA to rename its keys (a conversion) costs
+        no copy at all; pages read count once (they are the page cache's), and writing to a tensor changes a private
+        copy, never the file. The mapping lives as long as any of the tensors. A tensor whose offset does not suit
+        its dtype's alignment is copied out instead.
+
+        Returns:
+            name -> tensor, in header order.
+        """
+        mapped = torch.from_file(str(self.path), shared=False, size=self.file_size, dtype=torch.uint8)
+        typed: dict[torch.dtype, torch.Tensor] = {}  # the mapping seen as each dtype, one view each
+        tensors = {}
+        for key, entry in self._entries.items():
+            dtype = entry.torch_dtype
+            start, size = self.data_offset + entry.begin, dtype.itemsize
+            if start % size:
+                raw = mapped[start : start + entry.nbytes].clone()  # a view would be misaligned for this dtype
+                tensors[key] = raw.view(dtype).reshape(entry.shape)
+                continue
+            if dtype not in typed:
+                typed[dtype] = mapped[: self.file_size - self.file_size % size].view(dtype)
+            tensors[key] = typed[dtype].as_strided(entry.shape, _contiguous_strides(entry.shape), start // size)
+        return tensors
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(name, tensor)`` in header order, reading one tensor at a time."""

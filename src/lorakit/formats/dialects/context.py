@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from lorakit.errors import AdapterError
 from lorakit.formats.dialects import archmaps
@@ -34,6 +35,14 @@ _TE_WRITE = {
     "sd1": {"text_encoder": "lora_te_"},
     "sd2": {"text_encoder": "lora_te_"},
 }
+
+
+_SHARED_NAMES: dict[tuple[int, str, bool], tuple[ModuleShapes, ComponentNames]] = {}
+
+
+def _build_names(component: str, table: ModuleShapes, write_foreign: bool) -> ComponentNames:
+    foreign = archmaps.foreign_names(component, table)
+    return ComponentNames(component, table, foreign, write_foreign=write_foreign)
 
 
 @dataclass
@@ -64,9 +73,15 @@ class ModelInfo:
             table = self.table(component)
             if table is None:
                 self._cache[key] = None
+            elif isinstance(table, MappingProxyType):
+                # a bundled table (read-only, one object per table): its index is built once per process
+                shared = _SHARED_NAMES.get((id(table), *key))
+                if shared is None or shared[0] is not table:
+                    shared = (table, _build_names(component, table, write_foreign))
+                    _SHARED_NAMES[(id(table), *key)] = shared
+                self._cache[key] = shared[1]
             else:
-                foreign = archmaps.foreign_names(component, table)
-                self._cache[key] = ComponentNames(component, table, foreign, write_foreign=write_foreign)
+                self._cache[key] = _build_names(component, table, write_foreign)
         return self._cache[key]
 
     def denoiser(self) -> str:

@@ -56,7 +56,7 @@ def _check_fit(component: str, parts: tuple[Part, ...], patch: Patch, table: Mod
     if isinstance(patch, Ia3Patch):
         size, need = patch.weight.numel(), (tail[0] if patch.on_input and tail else rows)
     else:
-        shape = delta_shape(dataclasses.replace(patch, dora=None))
+        shape = delta_shape(patch if patch.dora is None else dataclasses.replace(patch, dora=None))
         size, need = (int(shape[0]), math.prod(shape)), (rows, rows * math.prod(tail))
     if size != need:
         names = "+".join(p.module for p in parts)

@@ -152,6 +152,12 @@ def alpha_tensor(alpha: float) -> Tensor:
 
 def delta_shape(patch: Patch) -> torch.Size:
     """Shape of a patch's delta, computed on the meta device (no memory, no arithmetic)."""
+    if isinstance(patch, LoraPatch):
+        # the common case, from the factors' shapes: the meta-device detour costs about 0.5 ms per patch
+        up, down = patch.up.shape, patch.down.shape
+        if patch.mid is None:
+            return torch.Size((up[0], *down[1:]))
+        return torch.Size((up[0], math.prod(down[1:]), *patch.mid.shape[2:]))
     changes = {f.name: getattr(patch, f.name).to("meta") for f in dataclasses.fields(patch)
                if isinstance(getattr(patch, f.name), Tensor)}
     meta = dataclasses.replace(patch, dora=None, **changes)

@@ -137,6 +137,7 @@ def write_peft_folder(lora: LoraFile, folder: Path, info: ModelInfo, dtype: torc
     if not folder.parent.is_dir():
         raise OutputError(f"{folder}: the folder {folder.parent} does not exist; create it first")
     written = []
+    folder.mkdir(exist_ok=True)  # several components: one subfolder each inside it
     for component in components:
         target = folder if len(components) == 1 else folder / component
         target.mkdir(exist_ok=True)

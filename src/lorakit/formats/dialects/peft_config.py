@@ -88,8 +88,9 @@ def _pattern(name: str, clip: bool) -> str:
 
 def _target_modules(names: list[str], known: list[str], clip: bool) -> list[str] | str:
     """Names PEFT matches exactly: a list, unless a name is a dotted suffix of another module (then a regex)."""
-    everything = set(known) | set(names)
-    if clip or any(other.endswith("." + name) for name in names for other in everything):
+    # every dotted suffix of every module name, so the check is linear, not names x modules
+    suffixes = {other.split(".", i)[-1] for other in set(known) | set(names) for i in range(1, other.count(".") + 1)}
+    if clip or any(name in suffixes for name in names):
         return "(?:" + "|".join(_regex(n, clip) for n in names) + ")"
     return names
 
