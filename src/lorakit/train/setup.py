@@ -1,0 +1,144 @@
+"""Setting a run up: processes and device, precision, base model, dataset, caches."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorakit.errors import ConfigError
+from lorakit.train.config import TrainConfig
+
+__all__ = ["Processes", "dataset_config", "load_base", "make_caches", "precision", "processes"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Processes:
+    """This process's place among the training processes (one without ``accelerate launch``)."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over the processes, in place (the gradient all-reduce of DDP, without the mean)."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+
+def processes() -> Processes:
+    """The process group that ``accelerate launch`` (or torchrun) set up, through accelerate's state."""
+    from accelerate import PartialState
+
+    # without a GPU, accelerate sets up a multi-process group only when told it runs on CPU (gloo)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return Processes(rank=state.process_index, world=state.num_processes, device=state.device)
+
+
+def precision(setting: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``training.mixed_precision`` on ``device``; None is plain fp32.
+
+    Raises:
+        ConfigError: fp16 or bf16 asked for on a CPU.
+    """
+    if device.type != "cuda":
+        if setting in ("fp16", "bf16"):
+            raise ConfigError(f"training.mixed_precision = {setting!r} needs a GPU; on a CPU use 'auto' or 'no'")
+        return None
+    if setting == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[setting]
+
+
+def load_base(
+    config: TrainConfig, pipe: Any = None, arch: str | None = None, base_dir: Path | None = None
+) -> tuple[Any, str, str]:
+    """The base pipeline (given, or loaded offline from ``model.path``, relative to ``base_dir``), its architecture
+    and its source."""
+    if pipe is not None:
+        if arch is None:
+            raise ConfigError("a pipeline passed to train() needs its architecture (arch='sd1', ...)")
+        return pipe, arch, "given"
+    from lorakit.models import load_pipeline
+
+    path = config.model.path
+    if path is not None and base_dir is not None and not Path(path).is_absolute():
+        path = str(base_dir / path)
+    loaded = load_pipeline(path, arch=config.model.arch)
+    return loaded.pipe, loaded.arch, loaded.source
+
+
+def dataset_config(table: Mapping[str, Any], base_dir: Path | None = None):
+    """The [dataset] table as a DatasetConfig.
+
+    ``config = "dataset.toml"`` reads a dataset file (the table's other keys override it); ``path = "folder"`` is one
+    folder (its FolderConfig options beside it); ``[[dataset.folders]]`` lists several. Relative paths are taken
+    relative to ``base_dir`` (the config file's folder).
+    """
+    from lorakit.train.data import DatasetConfig, FolderConfig, load_dataset_config
+
+    base = base_dir or Path.cwd()
+
+    def resolve(p: str) -> str:
+        return str(p if Path(p).is_absolute() else base / p)
+
+    values = dict(table)
+    try:
+        if "config" in values:
+            return load_dataset_config(resolve(values.pop("config")), **values)
+        if "path" in values:
+            return DatasetConfig.for_folder(resolve(values.pop("path")), **values)
+        folders = values.pop("folders", None)
+        if not folders:
+            raise ConfigError(
+                '[dataset] needs path = "images/folder" (or config = "dataset.toml", or '
+                "[[dataset.folders]] tables); --data sets it from the command line"
+            )
+        folder_configs = tuple(FolderConfig(**{**f, "path": resolve(f["path"])}) for f in folders)
+        return DatasetConfig(folders=folder_configs, **values)
+    except TypeError as err:
+        raise ConfigError(f"[dataset]: {err}") from None
+
+
+def _can_cache_text(config: TrainConfig) -> bool:
+    """Text can be cached when the text encoders are frozen (captions may still change per epoch: cache misses)."""
+    return config.training.cache_text and not config.network.train_text_encoder
+
+
+def make_caches(config: TrainConfig, task: Any, images: Any, identity: str) -> tuple[Any, Any]:
+    """The latent and text caches the config asks for (None where off or impossible)."""
+    from lorakit.train.data import LatentCache, TextEmbeddingCache
+
+    t = config.training
+    latent = text = None
+    if t.cache_latents and not images.config.random_crop:
+        latent = LatentCache(
+            task.encode_images, identity=f"{identity}|vae-mode", folder=_sub(t.cache_dir, "latents"), images=images
+        )
+    if _can_cache_text(config):
+        text = TextEmbeddingCache(
+            task.encode_text, identity=f"{identity}|text", folder=_sub(t.cache_dir, "text"), images=images
+        )
+    return latent, text
+
+
+def _sub(folder: str | None, name: str) -> Path | None:
+    return None if folder is None else Path(folder) / name
+
+
+def fixed_captions(images: Any) -> list[str] | None:
+    """Every caption training will use, when no caption changes between epochs (no shuffle or dropout); else None."""
+    for item in images.items:
+        o = item.subset.options
+        if o.shuffle_caption or o.caption_dropout_rate or o.tag_dropout_rate:
+            return None
+    return sorted({images.caption(i, seed=0, epoch=0) for i in range(len(images))})
