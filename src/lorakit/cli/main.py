@@ -11,7 +11,10 @@ import sys
 
 import typer
 
-from lorakit.cli import demo
+from lorakit.cli import bake, convert, demo, extract, generate, meta, train
+from lorakit.cli import dataset as dataset_cmd
+from lorakit.cli import inspect as inspect_cmd
+from lorakit.cli import merge as merge_cmd
 from lorakit.errors import LorakitError
 
 app = typer.Typer(
@@ -29,12 +32,21 @@ def _root() -> None:
 
 
 demo.register(app)
+dataset_cmd.register(app)
+inspect_cmd.register(app)
+merge_cmd.register(app)
+extract.register(app)
+bake.register(app)
+convert.register(app)
+meta.register(app)
+generate.register(app)
+train.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 bug, 2 user error)."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except LorakitError as err:
         if os.environ.get("LORAKIT_DEBUG") == "1":
             raise
@@ -51,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             err.show()
             return code
         raise
-    return 0
+    # typer.Exit(code) raised by a command comes back as the return value without standalone mode
+    return code if isinstance(code, int) else 0
 
 
 def run() -> None:
