@@ -46,7 +46,7 @@ def _overrides(**flags: Any) -> dict[str, Any]:
 def train(
     config: Annotated[
         Path | None,
-        typer.Argument(help="TOML config ([model], [dataset], [network], [optimizer], [training], [save], [sample])."),
+        typer.Argument(help="TOML config with tables model, dataset, network, optimizer, training, save, sample."),
     ] = None,
     model: Annotated[str | None, typer.Option(help="Base model: diffusers folder or .safetensors checkpoint.")] = None,
     arch: Annotated[str | None, typer.Option(help="Architecture of --model when it cannot be detected.")] = None,
