@@ -19,13 +19,13 @@ from lorakit.formats.safetensors_reader import SafetensorsReader
 from lorakit.formats.safetensors_writer import (
     PathLike,
     WrittenFile,
-    _create_temp,
     _finish,
     _metadata_with_placeholders,
     _rename,
     _sync_folder,
     _write,
     check_output_path,
+    create_temp,
 )
 
 __all__ = ["rewrite_metadata"]
@@ -66,7 +66,7 @@ def rewrite_metadata(
         entries = sorted(reader.header.entries, key=lambda e: (e.begin, e.end))
         final = _metadata_with_placeholders(metadata, hash_fields)
         header = encode_header(entries, final)
-        fd, temp = _create_temp(target)
+        fd, temp = create_temp(target)
         try:
             with os.fdopen(fd, "w+b") as file:
                 _write(file, header, target)

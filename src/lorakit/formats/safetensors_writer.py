@@ -14,6 +14,7 @@ name: a reader never sees half a file, and a failure (including a producer raisi
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import secrets
@@ -145,7 +146,7 @@ def write_file(
     header = encode_header(entries, final_metadata)
     hasher = hashlib.sha256() if (hash_data or hash_fields) else None
 
-    fd, temp = _create_temp(target)
+    fd, temp = create_temp(target)
     try:
         with os.fdopen(fd, "wb") as file:
             _write(file, header, target)
@@ -221,13 +222,24 @@ def _layout(sources: list[TensorSource]) -> list[TensorEntry]:
     return entries
 
 
-def _create_temp(target: Path) -> tuple[int, Path]:
-    # Same folder as the target, so the final rename is atomic (never across file systems). os.open with 0o666
-    # lets the umask decide the final permissions, as for any new file (mkstemp would force 0o600).
+def create_temp(target: Path, *, direct: bool = False) -> tuple[int, Path]:
+    """Create a hidden temporary file beside ``target``; returns its descriptor and path.
+
+    Same folder as the target, so the final rename is atomic (never across file systems). os.open with 0o666 lets the
+    umask decide the final permissions, as for any new file (mkstemp would force 0o600). ``direct`` asks for
+    ``O_DIRECT`` (the caller then writes aligned blocks) and falls back to the page cache where the file system
+    refuses it (tmpfs).
+    """
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     for _ in range(100):
         temp = target.with_name(f".{target.name[:180]}.{secrets.token_hex(6)}.tmp")
         try:
+            if direct and hasattr(os, "O_DIRECT"):
+                try:
+                    return os.open(temp, flags | os.O_DIRECT, 0o666), temp
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
             return os.open(temp, flags, 0o666), temp
         except FileExistsError:
             continue

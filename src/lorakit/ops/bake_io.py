@@ -25,7 +25,7 @@ import torch
 from lorakit.errors import OutputError
 from lorakit.formats.dtypes import dtype_name, layout_key
 from lorakit.formats.safetensors_header import TensorEntry, encode_header
-from lorakit.formats.safetensors_writer import TensorSource, check_output_path, tensor_bytes
+from lorakit.formats.safetensors_writer import TensorSource, check_output_path, create_temp, tensor_bytes
 
 __all__ = ["check_folder_output", "prefetched", "write_direct", "write_folder"]
 
@@ -111,24 +111,6 @@ class _Staged:
         self.buffer.close()
 
 
-def _open_temp(target: Path) -> tuple[int, Path]:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-    for _ in range(100):
-        temp = target.with_name(f".{target.name[:180]}.{secrets.token_hex(6)}.tmp")
-        try:
-            try:
-                return os.open(temp, flags | getattr(os, "O_DIRECT", 0), 0o666), temp
-            except OSError as exc:
-                if exc.errno != 22:  # EINVAL: this file system refuses O_DIRECT; write through the page cache
-                    raise
-                return os.open(temp, flags, 0o666), temp
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            raise OutputError(f"{target}: cannot create a file there ({exc.strerror}); choose another folder") from None
-    raise OutputError(f"{target}: cannot find a free temporary name in {target.parent}; clean up .tmp files there")
-
-
 def _entries(sources: Sequence[TensorSource]) -> list[TensorEntry]:
     entries, offset = [], 0
     for s in sources:
@@ -163,7 +145,7 @@ def write_direct(
     target = check_output_path(path, inputs)
     ordered = sorted(sources, key=lambda s: layout_key(dtype_name(s.dtype), s.name))
     header = encode_header(_entries(ordered), metadata)
-    fd, temp = _open_temp(target)
+    fd, temp = create_temp(target, direct=True)
     staged = _Staged(fd, target)
     try:
         staged.add(header)
