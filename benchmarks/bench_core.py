@@ -135,8 +135,13 @@ def peft_set_scales(layers: list, weights: tuple[float, ...]) -> None:
 
 
 # --- timing -----------------------------------------------------------------------------------------------------
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, number: int = 1,
-                setup: Callable[[], object] | None = None) -> dict[str, list[float]]:
+def interleaved(
+    fns: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    number: int = 1,
+    setup: Callable[[], object] | None = None,
+) -> dict[str, list[float]]:
     """Seconds per call of each function, ``repeats`` samples each, the functions alternating within a repeat.
 
     With ``setup``, each call gets a fresh ``setup()`` result (made outside the timer) as its argument.
@@ -242,8 +247,17 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     bare = build_model(args.blocks, args.dim, args.seed)
     n_linear = len(linear_names(bare))
-    res: dict = {"config": {"blocks": args.blocks, "dim": args.dim, "linear_layers": n_linear, "rank": args.rank,
-                            "adapters": list(NAMES), "threads": torch.get_num_threads(), "seed": args.seed}}
+    res: dict = {
+        "config": {
+            "blocks": args.blocks,
+            "dim": args.dim,
+            "linear_layers": n_linear,
+            "rank": args.rank,
+            "adapters": list(NAMES),
+            "threads": torch.get_num_threads(),
+            "seed": args.seed,
+        }
+    }
 
     # correctness first: same factors, same weights, all three active on both sides
     lk = copy.deepcopy(bare)
@@ -269,9 +283,15 @@ def run(args: argparse.Namespace) -> dict:
             torch.zeros(dim, args.rank)
 
     attach = interleaved(
-        {"lorakit": lambda m: lorakit_attach(m, args.rank), "peft_inject": lambda m: peft_inject(m, args.rank),
-         "peft_get_peft_model": lambda m: peft_get_model(m, args.rank), "init_floor": init_floor},
-        args.attach_repeats, setup=lambda: copy.deepcopy(bare))
+        {
+            "lorakit": lambda m: lorakit_attach(m, args.rank),
+            "peft_inject": lambda m: peft_inject(m, args.rank),
+            "peft_get_peft_model": lambda m: peft_get_model(m, args.rank),
+            "init_floor": init_floor,
+        },
+        args.attach_repeats,
+        setup=lambda: copy.deepcopy(bare),
+    )
     res["attach_s"] = {k: median(v) for k, v in attach.items()}
 
     # 2. change all three weights (alternating values, so no call is a no-op)
@@ -287,9 +307,14 @@ def run(args: argparse.Namespace) -> dict:
             handle.set_weight(w)
 
     lk_weight = interleaved({"lorakit": lk_set}, args.repeats, number=2000)["lorakit"]
-    pf_weight = interleaved({"peft_set_adapters": lambda: peft_set_weights(pf, next_weights("pf")),
-                             "peft_set_scale_loop": lambda: peft_set_scales(pf_layers, next_weights("ps"))},
-                            args.repeats, number=3)
+    pf_weight = interleaved(
+        {
+            "peft_set_adapters": lambda: peft_set_weights(pf, next_weights("pf")),
+            "peft_set_scale_loop": lambda: peft_set_scales(pf_layers, next_weights("ps")),
+        },
+        args.repeats,
+        number=3,
+    )
     res["set_weights_s"] = {"lorakit": median(lk_weight), **{k: median(v) for k, v in pf_weight.items()}}
     for handle, w in zip(handles, WEIGHTS):
         handle.set_weight(w)
@@ -302,19 +327,26 @@ def run(args: argparse.Namespace) -> dict:
         x = torch.randn(*shape, dim, generator=torch.Generator().manual_seed(args.seed + 3))
         reps = args.repeats if tokens <= 64 else max(3, args.repeats // 2)
         with torch.no_grad():
-            t = interleaved({"bare": lambda: bare(x), "lorakit": lambda: lk(x), "peft": lambda: pf(x)}, reps,
-                            warmup=2)
+            t = interleaved({"bare": lambda: bare(x), "lorakit": lambda: lk(x), "peft": lambda: pf(x)}, reps, warmup=2)
         over_lk = [(lt - bt) / bt for lt, bt in zip(t["lorakit"], t["bare"])]
         over_pf = [(pt - bt) / bt for pt, bt in zip(t["peft"], t["bare"])]
         flops = 2 * tokens * dim * dim * n_linear
         adapter_flops = len(NAMES) * 4 * tokens * dim * args.rank * n_linear
-        res["forward"].append({
-            "shape": [*shape, dim], "tokens": tokens, "bare_s": median(t["bare"]), "lorakit_s": median(t["lorakit"]),
-            "peft_s": median(t["peft"]), "overhead_lorakit": median(over_lk), "overhead_peft": median(over_pf),
-            "bare_gflop": flops / 1e9, "bare_gflops_rate": flops / median(t["bare"]) / 1e9,
-            "flop_floor_overhead": adapter_flops / flops,
-            "layer_matmul_gflops": matmul_rate(tokens, dim, dim),
-        })
+        res["forward"].append(
+            {
+                "shape": [*shape, dim],
+                "tokens": tokens,
+                "bare_s": median(t["bare"]),
+                "lorakit_s": median(t["lorakit"]),
+                "peft_s": median(t["peft"]),
+                "overhead_lorakit": median(over_lk),
+                "overhead_peft": median(over_pf),
+                "bare_gflop": flops / 1e9,
+                "bare_gflops_rate": flops / median(t["bare"]) / 1e9,
+                "flop_floor_overhead": adapter_flops / flops,
+                "layer_matmul_gflops": matmul_rate(tokens, dim, dim),
+            }
+        )
     return res
 
 
@@ -334,9 +366,14 @@ def machine() -> dict:
             versions[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
             versions[pkg] = "absent"
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
-            "python": platform.python_version(), "versions": versions,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "python": platform.python_version(),
+        "versions": versions,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
 
 
 def ms(s: float) -> str:
@@ -350,29 +387,55 @@ def rows(res: dict) -> list[tuple[str, str, str, str, str, str, str]]:
     out = []
     a = res["attach_s"]
     floor = f"init of {3 * n} A/B pairs: {ms(a['init_floor'])}"
-    for key, label in (("peft_inject", "inject_adapter_in_model x3"), ("peft_get_peft_model",
-                                                                       "get_peft_model + add_adapter x2")):
+    for key, label in (
+        ("peft_inject", "inject_adapter_in_model x3"),
+        ("peft_get_peft_model", "get_peft_model + add_adapter x2"),
+    ):
         ratio = a[key] / a["lorakit"]
-        out.append((f"1. attach 3 adapters ({label})", ms(a["lorakit"]), ms(a[key]), f"{ratio:.1f}x",
-                    "lorakit no slower", "yes" if ratio >= 1 else "NO", floor))
+        out.append(
+            (
+                f"1. attach 3 adapters ({label})",
+                ms(a["lorakit"]),
+                ms(a[key]),
+                f"{ratio:.1f}x",
+                "lorakit no slower",
+                "yes" if ratio >= 1 else "NO",
+                floor,
+            )
+        )
     w = res["set_weights_s"]
-    for key, label, target in (("peft_set_adapters", "diffusers set_weights_and_activate_adapters", True),
-                               ("peft_set_scale_loop", "bare set_scale loop over collected layers", False)):
+    for key, label, target in (
+        ("peft_set_adapters", "diffusers set_weights_and_activate_adapters", True),
+        ("peft_set_scale_loop", "bare set_scale loop over collected layers", False),
+    ):
         ratio = w[key] / w["lorakit"]
-        out.append((f"2. set 3 weights (PEFT: {label})", ms(w["lorakit"]), ms(w[key]), f"{ratio:.0f}x",
-                    "lorakit >= 10x faster" if target else "(context)",
-                    ("yes" if ratio >= 10 else "NO") if target else "-",
-                    f"3 float stores; PEFT visits {n} layers"))
+        out.append(
+            (
+                f"2. set 3 weights (PEFT: {label})",
+                ms(w["lorakit"]),
+                ms(w[key]),
+                f"{ratio:.0f}x",
+                "lorakit >= 10x faster" if target else "(context)",
+                ("yes" if ratio >= 10 else "NO") if target else "-",
+                f"3 float stores; PEFT visits {n} layers",
+            )
+        )
     for f in res["forward"]:
         shape = "x".join(map(str, f["shape"]))
         lk_o, pf_o = f["overhead_lorakit"], f["overhead_peft"]
-        out.append((f"3. forward overhead, 3 active, input {shape}",
-                    f"{lk_o:+.0%} ({ms(f['lorakit_s'])})", f"{pf_o:+.0%} ({ms(f['peft_s'])})",
-                    f"{pf_o / lk_o:.2f}x" if lk_o > 0 else "-", "lorakit overhead <= PEFT's",
-                    "yes" if lk_o <= pf_o else "NO",
-                    f"bare {ms(f['bare_s'])} = {f['bare_gflop']:.2f} GFLOP at {f['bare_gflops_rate']:.0f} GFLOP/s; "
-                    f"flop floor {f['flop_floor_overhead']:+.0%}; layer matmul {f['layer_matmul_gflops']:.0f} "
-                    f"GFLOP/s; op dispatch {ctx['op_dispatch_us']:.1f} µs"))
+        out.append(
+            (
+                f"3. forward overhead, 3 active, input {shape}",
+                f"{lk_o:+.0%} ({ms(f['lorakit_s'])})",
+                f"{pf_o:+.0%} ({ms(f['peft_s'])})",
+                f"{pf_o / lk_o:.2f}x" if lk_o > 0 else "-",
+                "lorakit overhead <= PEFT's",
+                "yes" if lk_o <= pf_o else "NO",
+                f"bare {ms(f['bare_s'])} = {f['bare_gflop']:.2f} GFLOP at {f['bare_gflops_rate']:.0f} GFLOP/s; "
+                f"flop floor {f['flop_floor_overhead']:+.0%}; layer matmul {f['layer_matmul_gflops']:.0f} "
+                f"GFLOP/s; op dispatch {ctx['op_dispatch_us']:.1f} µs",
+            )
+        )
     return out
 
 
@@ -406,8 +469,10 @@ def print_table(res: dict, mach: dict) -> None:
     from rich.table import Table
 
     cfg = res["config"]
-    table = Table(title=f"lorakit vs PEFT: {cfg['linear_layers']} Linear {cfg['dim']}x{cfg['dim']}, 3 LoRAs rank "
-                        f"{cfg['rank']}, {cfg['threads']} thread(s), median of repeats")
+    table = Table(
+        title=f"lorakit vs PEFT: {cfg['linear_layers']} Linear {cfg['dim']}x{cfg['dim']}, 3 LoRAs rank "
+        f"{cfg['rank']}, {cfg['threads']} thread(s), median of repeats"
+    )
     for col in ("measure", "lorakit", "PEFT", "PEFT / lorakit", "target", "met", "floor / context"):
         table.add_column(col, overflow="fold")
     for r in rows(res):
@@ -415,10 +480,12 @@ def print_table(res: dict, mach: dict) -> None:
     console = Console(width=200)
     console.print(table)
     ag = res["agreement"]
-    console.print(f"agreement: lorakit vs dense {ag['lorakit_vs_dense']:.1e}, PEFT vs dense {ag['peft_vs_dense']:.1e}, "
-                  f"adapter effect {ag['adapter_effect']:.1e}; {mach['cpu']}, {mach['cores']} cores, load "
-                  f"{mach['load_avg_1m']}; torch {mach['versions']['torch']}, peft {mach['versions']['peft']}; "
-                  f"1024^3 matmul {res['context']['matmul_gflops_1024']:.0f} GFLOP/s")
+    console.print(
+        f"agreement: lorakit vs dense {ag['lorakit_vs_dense']:.1e}, PEFT vs dense {ag['peft_vs_dense']:.1e}, "
+        f"adapter effect {ag['adapter_effect']:.1e}; {mach['cpu']}, {mach['cores']} cores, load "
+        f"{mach['load_avg_1m']}; torch {mach['versions']['torch']}, peft {mach['versions']['peft']}; "
+        f"1024^3 matmul {res['context']['matmul_gflops_1024']:.0f} GFLOP/s"
+    )
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -435,8 +502,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--repeats", type=int, default=9, help="timed repeats of the cheap parts (default 9)")
     parser.add_argument("--attach-repeats", type=int, default=5)
-    parser.add_argument("--shapes", type=parse_shape, nargs="+", default=[(16,), (4, 64)],
-                        help="input shapes without the feature dim, e.g. 16 4x64 (default: 16 tokens, 4x64 tokens)")
+    parser.add_argument(
+        "--shapes",
+        type=parse_shape,
+        nargs="+",
+        default=[(16,), (4, 64)],
+        help="input shapes without the feature dim, e.g. 16 4x64 (default: 16 tokens, 4x64 tokens)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 

@@ -72,7 +72,7 @@ def main() -> None:
         plan = loader.plan(0)[:n]
 
         def lorakit_epoch():
-            for (i, copy) in [b[0] for b in plan]:
+            for i, copy in [b[0] for b in plan]:
                 images.sample(i, seed=0, epoch=0, copy=copy).pixels
 
         rng = random.Random(0)
@@ -86,9 +86,13 @@ def main() -> None:
         hit = timed(lambda: [cache.latents(b) for b in batches]) / n
     print(f"{n} JPEG images {width}x{height}, resolution {args.resolution}, torch threads 1")
     print(f"{'step':<38}{'ms/image':>10}{'vs peer':>10}{'vs floor':>10}")
-    for name, value in [("lorakit sample (bucket, crop, flip)", lk), ("peer (diffusers example transforms)", peer),
-                        ("floor: JPEG decode only", floor), ("lorakit latent cache hit (disk)", hit),
-                        ("lorakit load_dataset (index+check)", index_s / n)]:
+    for name, value in [
+        ("lorakit sample (bucket, crop, flip)", lk),
+        ("peer (diffusers example transforms)", peer),
+        ("floor: JPEG decode only", floor),
+        ("lorakit latent cache hit (disk)", hit),
+        ("lorakit load_dataset (index+check)", index_s / n),
+    ]:
         print(f"{name:<38}{value * 1e3:>10.2f}{value / peer:>10.2f}{value / floor:>10.2f}")
 
 

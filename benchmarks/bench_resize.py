@@ -71,9 +71,15 @@ def main() -> None:
         t1, e1 = _ours(up, down, args.rank_out)
         t2, e2 = _dense(up, down, args.rank_out)
         ours_t, dense_t, worst = ours_t + t1, dense_t + t2, max(worst, abs(e1 - e2))
-    result = {"modules": len(modules), "rank": f"{args.rank_in}->{args.rank_out}", "threads": args.threads,
-              "lorakit_s": round(ours_t, 3), "dense_svd_s": round(dense_t, 3),
-              "speedup": round(dense_t / ours_t, 1), "max_error_difference": worst}
+    result = {
+        "modules": len(modules),
+        "rank": f"{args.rank_in}->{args.rank_out}",
+        "threads": args.threads,
+        "lorakit_s": round(ours_t, 3),
+        "dense_svd_s": round(dense_t, 3),
+        "speedup": round(dense_t / ours_t, 1),
+        "max_error_difference": worst,
+    }
     if args.json:
         print(json.dumps(result, indent=2))
         return

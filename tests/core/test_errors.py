@@ -50,8 +50,15 @@ def model():
 
 
 def test_every_error_is_a_lorakit_error():
-    for name in ("TargetError", "ShapeError", "AdapterError", "FileFormatError", "UnsafeFileError", "OutputError",
-                 "InputError"):
+    for name in (
+        "TargetError",
+        "ShapeError",
+        "AdapterError",
+        "FileFormatError",
+        "UnsafeFileError",
+        "OutputError",
+        "InputError",
+    ):
         assert issubclass(getattr(errors, name), LorakitError)
 
 
@@ -87,14 +94,18 @@ def test_only_kxk_convs_without_conv_rank_is_a_target_error(model):
     attach_lora(model, LoraConfig(targets=["to_q"]), name="style")  # the name is free again
 
 
-@pytest.mark.parametrize("target,patch,shapes", [
-    ("blocks.0.to_q", lora(12, 7), [(12, 2), (2, 7), (12, 6)]),  # wrong in_features
-    ("blocks.0.to_q", lora(11, 6), [(11, 2), (2, 6), (12, 6)]),  # wrong out_features
-    ("blocks.0.ff", lora(12, 6), [(12, 2), (2, 6), (5, 12)]),  # the patch of another layer
-    ("conv_in", lora(8, 3, kernel=(5, 5)), [(8, 2, 1, 1), (2, 3, 5, 5), (8, 3, 3, 3)]),  # wrong kernel
-    ("conv_mid", lora(8, 3, kernel=(3, 3)), [(8, 2, 1, 1), (2, 3, 3, 3), (8, 8, 3, 3)]),  # wrong in_channels
-    ("proj", lora(6, 8, kernel=(3, 3)), [(6, 2, 1, 1), (2, 8, 3, 3), (6, 8, 1, 1)]),  # a 3x3 LoRA on a 1x1 conv
-], ids=["linear-in", "linear-out", "linear-other", "conv-kernel", "conv-in", "conv-1x1"])
+@pytest.mark.parametrize(
+    "target,patch,shapes",
+    [
+        ("blocks.0.to_q", lora(12, 7), [(12, 2), (2, 7), (12, 6)]),  # wrong in_features
+        ("blocks.0.to_q", lora(11, 6), [(11, 2), (2, 6), (12, 6)]),  # wrong out_features
+        ("blocks.0.ff", lora(12, 6), [(12, 2), (2, 6), (5, 12)]),  # the patch of another layer
+        ("conv_in", lora(8, 3, kernel=(5, 5)), [(8, 2, 1, 1), (2, 3, 5, 5), (8, 3, 3, 3)]),  # wrong kernel
+        ("conv_mid", lora(8, 3, kernel=(3, 3)), [(8, 2, 1, 1), (2, 3, 3, 3), (8, 8, 3, 3)]),  # wrong in_channels
+        ("proj", lora(6, 8, kernel=(3, 3)), [(6, 2, 1, 1), (2, 8, 3, 3), (6, 8, 1, 1)]),  # a 3x3 LoRA on a 1x1 conv
+    ],
+    ids=["linear-in", "linear-out", "linear-other", "conv-kernel", "conv-in", "conv-1x1"],
+)
 def test_lora_that_does_not_fit_names_module_and_shapes(model, target, patch, shapes):
     saved = model.state_dict()
     with pytest.raises(ShapeError) as err:
@@ -170,9 +181,17 @@ def test_removed_handle_cannot_be_used(model, how):
     else:
         detach(model, "style" if how == "detach-one" else None)
     x = tiny_input(0)
-    calls = [lambda: handle.set_weight(0.5), lambda: handle.weight, lambda: handle.enabled, handle.enable,
-             handle.disable, handle.fuse, handle.remove, lambda: handle.set_multipliers({"conv_in": 0.5}),
-             lambda: adapter_state_dict(model, "style")]
+    calls = [
+        lambda: handle.set_weight(0.5),
+        lambda: handle.weight,
+        lambda: handle.enabled,
+        handle.enable,
+        handle.disable,
+        handle.fuse,
+        handle.remove,
+        lambda: handle.set_multipliers({"conv_in": 0.5}),
+        lambda: adapter_state_dict(model, "style"),
+    ]
     for call in calls:
         with pytest.raises(AdapterError, match="style"):
             call()

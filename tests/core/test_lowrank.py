@@ -30,8 +30,13 @@ def test_singular_values_match_dense_svd(out, inp, r, seed):
 
 
 @settings(max_examples=25, deadline=None)
-@given(out=st.integers(4, 40), inp=st.integers(4, 40), r=st.integers(2, 12), k=st.integers(1, 14),
-       seed=st.integers(0, 10_000))
+@given(
+    out=st.integers(4, 40),
+    inp=st.integers(4, 40),
+    r=st.integers(2, 12),
+    k=st.integers(1, 14),
+    seed=st.integers(0, 10_000),
+)
 def test_truncation_error_is_the_discarded_energy(out, inp, r, k, seed):
     up, down = _factors(out, inp, r, seed)
     dense = up.double() @ down.double()

@@ -34,13 +34,28 @@ torch.set_num_threads(1)
 
 # File key (as lycoris writes it) -> lorakit patch field.
 _FIELDS = {
-    "lora_up.weight": "up", "lora_down.weight": "down", "lora_mid.weight": "mid",
-    "hada_w1_a": "w1a", "hada_w1_b": "w1b", "hada_w2_a": "w2a", "hada_w2_b": "w2b", "hada_t1": "t1", "hada_t2": "t2",
-    "lokr_w1": "w1", "lokr_w1_a": "w1a", "lokr_w1_b": "w1b",
-    "lokr_w2": "w2", "lokr_w2_a": "w2a", "lokr_w2_b": "w2b", "lokr_t2": "t2",
+    "lora_up.weight": "up",
+    "lora_down.weight": "down",
+    "lora_mid.weight": "mid",
+    "hada_w1_a": "w1a",
+    "hada_w1_b": "w1b",
+    "hada_w2_a": "w2a",
+    "hada_w2_b": "w2b",
+    "hada_t1": "t1",
+    "hada_t2": "t2",
+    "lokr_w1": "w1",
+    "lokr_w1_a": "w1a",
+    "lokr_w1_b": "w1b",
+    "lokr_w2": "w2",
+    "lokr_w2_a": "w2a",
+    "lokr_w2_b": "w2b",
+    "lokr_t2": "t2",
 }
-_KINDS = {"locon": (lyco.LoConModule, LoraPatch), "loha": (lyco.LohaModule, LohaPatch),
-          "lokr": (lyco.LokrModule, LokrPatch)}
+_KINDS = {
+    "locon": (lyco.LoConModule, LoraPatch),
+    "loha": (lyco.LohaModule, LohaPatch),
+    "lokr": (lyco.LokrModule, LokrPatch),
+}
 
 
 def _layer(out: int, inp: int, k: int | None, seed: int, bias: bool = False) -> nn.Module:
@@ -103,8 +118,9 @@ def _input(layer: nn.Module) -> torch.Tensor:
 def _close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) -> None:
     """fp32 comparison relative to the tensor's own magnitude (products of random factors reach ~1e2)."""
     expected = expected.to(torch.float32)
-    torch.testing.assert_close(actual.to(torch.float32), expected, rtol=rtol,
-                               atol=rtol * max(1.0, expected.abs().max().item()))
+    torch.testing.assert_close(
+        actual.to(torch.float32), expected, rtol=rtol, atol=rtol * max(1.0, expected.abs().max().item())
+    )
 
 
 # (kind, out, in, kernel or None for Linear, lycoris options). Each id names what the case exercises.
@@ -120,17 +136,36 @@ ADDITIVE = [
     pytest.param("loha", 20, 12, 3, dict(lora_dim=3, alpha=1.0, use_tucker=True), id="loha-conv3x3-tucker"),
     pytest.param("loha", 24, 40, None, dict(lora_dim=4, alpha=2.0, rs_lora=True), id="loha-linear-rslora"),
     pytest.param("lokr", 64, 48, None, dict(lora_dim=2, alpha=1.0), id="lokr-linear-w1-w2ab"),
-    pytest.param("lokr", 64, 48, None, dict(lora_dim=2, alpha=3.0, decompose_both=True, factor=8),
-                 id="lokr-linear-both-factored-f8"),
-    pytest.param("lokr", 128, 16, None, dict(lora_dim=4, alpha=2.0, decompose_both=True,
-                                             unbalanced_factorization=True), id="lokr-linear-w1ab-w2full"),
+    pytest.param(
+        "lokr",
+        64,
+        48,
+        None,
+        dict(lora_dim=2, alpha=3.0, decompose_both=True, factor=8),
+        id="lokr-linear-both-factored-f8",
+    ),
+    pytest.param(
+        "lokr",
+        128,
+        16,
+        None,
+        dict(lora_dim=4, alpha=2.0, decompose_both=True, unbalanced_factorization=True),
+        id="lokr-linear-w1ab-w2full",
+    ),
     pytest.param("lokr", 32, 32, None, dict(lora_dim=8, alpha=2.0), id="lokr-linear-both-full-scale1"),
-    pytest.param("lokr", 48, 32, None, dict(lora_dim=2, alpha=4.0, full_matrix=True, factor=4),
-                 id="lokr-linear-full-matrix-f4"),
+    pytest.param(
+        "lokr", 48, 32, None, dict(lora_dim=2, alpha=4.0, full_matrix=True, factor=4), id="lokr-linear-full-matrix-f4"
+    ),
     pytest.param("lokr", 32, 48, 1, dict(lora_dim=2, alpha=1.0, factor=4), id="lokr-conv1x1-f4"),
     pytest.param("lokr", 32, 48, 3, dict(lora_dim=2, alpha=1.5), id="lokr-conv3x3-w2ab-flat"),
-    pytest.param("lokr", 32, 48, 3, dict(lora_dim=2, alpha=1.5, use_tucker=True, decompose_both=True, factor=2),
-                 id="lokr-conv3x3-tucker-t2"),
+    pytest.param(
+        "lokr",
+        32,
+        48,
+        3,
+        dict(lora_dim=2, alpha=1.5, use_tucker=True, decompose_both=True, factor=2),
+        id="lokr-conv3x3-tucker-t2",
+    ),
     pytest.param("lokr", 16, 8, 3, dict(lora_dim=8, alpha=2.0, factor=2), id="lokr-conv3x3-w2full"),
 ]
 
@@ -169,8 +204,12 @@ def test_dora_zero_row_stays_finite() -> None:
         layer.weight[0] = 0
         module.lora_up.weight[0] = 0
     sd = module.state_dict()
-    patch = LoraPatch(up=sd["lora_up.weight"].detach(), down=sd["lora_down.weight"].detach(), alpha=2.0,
-                      dora=DoraMagnitude.from_shape(sd["dora_scale"].detach(), layer.weight.shape))
+    patch = LoraPatch(
+        up=sd["lora_up.weight"].detach(),
+        down=sd["lora_down.weight"].detach(),
+        alpha=2.0,
+        dora=DoraMagnitude.from_shape(sd["dora_scale"].detach(), layer.weight.shape),
+    )
     with torch.no_grad():
         expected = module.get_merged_weight(multiplier=1)[0]
     merged = layer.weight + patch.effect(layer.weight)
@@ -182,8 +221,9 @@ def test_lokr_scale_follows_lycoris() -> None:
     """Scale 1 exactly when both factors are full (lycoris then stores ``alpha = r``), else ``alpha / r``."""
     m, p = _build("lokr", _layer(32, 32, None, 0), lora_dim=8, alpha=2.0)
     assert (m.use_w1, m.use_w2, m.scale, p.scale) == (True, True, 1.0, 1.0)
-    m, p = _build("lokr", _layer(128, 16, None, 0), lora_dim=4, alpha=2.0, decompose_both=True,
-                  unbalanced_factorization=True)
+    m, p = _build(
+        "lokr", _layer(128, 16, None, 0), lora_dim=4, alpha=2.0, decompose_both=True, unbalanced_factorization=True
+    )
     assert not m.use_w1 and m.use_w2 and p.rank == 4 and p.scale == pytest.approx(m.scale) == 0.5
     m, p = _build("lokr", _layer(32, 48, 3, 0), lora_dim=2, alpha=1.5, use_tucker=True)
     assert p.t2 is not None and p.rank == 2 and p.scale == pytest.approx(m.scale) == 0.75
@@ -276,8 +316,15 @@ _DIMS = st.sampled_from([4, 6, 8, 12, 16, 24, 32])
 
 
 @settings(max_examples=20, deadline=None)
-@given(out=_DIMS, inp=_DIMS, rank=st.integers(1, 6), alpha=st.floats(0.25, 16.0),
-       k=st.sampled_from([None, 1, 3]), tucker=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    out=_DIMS,
+    inp=_DIMS,
+    rank=st.integers(1, 6),
+    alpha=st.floats(0.25, 16.0),
+    k=st.sampled_from([None, 1, 3]),
+    tucker=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_loha_random_shapes(out, inp, rank, alpha, k, tucker, seed) -> None:
     layer = _layer(out, inp, k, seed)
     module, patch = _build("loha", layer, seed, lora_dim=rank, alpha=alpha, use_tucker=tucker)
@@ -289,11 +336,20 @@ _LOKR_DIMS = st.sampled_from([16, 24, 32, 48, 64, 96, 128])
 
 
 @settings(max_examples=20, deadline=None)
-@given(out=_LOKR_DIMS, inp=_LOKR_DIMS, rank=st.integers(1, 4), alpha=st.floats(0.25, 16.0),
-       k=st.sampled_from([None, 1, 3]), tucker=st.booleans(), both=st.booleans(),
-       factor=st.sampled_from([-1, 2, 4]), seed=st.integers(0, 2**16))
+@given(
+    out=_LOKR_DIMS,
+    inp=_LOKR_DIMS,
+    rank=st.integers(1, 4),
+    alpha=st.floats(0.25, 16.0),
+    k=st.sampled_from([None, 1, 3]),
+    tucker=st.booleans(),
+    both=st.booleans(),
+    factor=st.sampled_from([-1, 2, 4]),
+    seed=st.integers(0, 2**16),
+)
 def test_lokr_random_shapes(out, inp, rank, alpha, k, tucker, both, factor, seed) -> None:
     layer = _layer(out, inp, k, seed)
-    module, patch = _build("lokr", layer, seed, lora_dim=rank, alpha=alpha, use_tucker=tucker,
-                           decompose_both=both, factor=factor)
+    module, patch = _build(
+        "lokr", layer, seed, lora_dim=rank, alpha=alpha, use_tucker=tucker, decompose_both=both, factor=factor
+    )
     _close(patch.delta(layer.weight.shape), _lycoris_delta(module))

@@ -45,8 +45,7 @@ def close(a: torch.Tensor, b: torch.Tensor, atol: float = ATOL) -> None:
 
 
 def peft_layers(pm, name: str) -> dict[str, LoraLayer]:
-    return {n.removeprefix(PREFIX): m for n, m in pm.named_modules()
-            if isinstance(m, LoraLayer) and name in m.lora_A}
+    return {n.removeprefix(PREFIX): m for n, m in pm.named_modules() if isinstance(m, LoraLayer) and name in m.lora_A}
 
 
 @torch.no_grad()
@@ -64,13 +63,17 @@ def randomize(pm, name: str, seed: int) -> dict[str, LoraPatch]:
 
 
 def make_peft(base, targets, r=3, alpha=5.0, name="default", **kw):
-    pm = get_peft_model(copy.deepcopy(base), PeftConfig(r=r, lora_alpha=alpha, target_modules=targets, **kw),
-                        adapter_name=name)
+    pm = get_peft_model(
+        copy.deepcopy(base), PeftConfig(r=r, lora_alpha=alpha, target_modules=targets, **kw), adapter_name=name
+    )
     return pm.eval()
 
 
-@pytest.mark.parametrize("target", ["blocks.0.to_q", "blocks.0.to_v", "proj", "conv_in", "conv_mid"],
-                         ids=["linear", "linear-nobias", "conv1x1", "conv3x3-stride-pad", "conv3x3-nobias"])
+@pytest.mark.parametrize(
+    "target",
+    ["blocks.0.to_q", "blocks.0.to_v", "proj", "conv_in", "conv_mid"],
+    ids=["linear", "linear-nobias", "conv1x1", "conv3x3-stride-pad", "conv3x3-nobias"],
+)
 def test_single_layer_matches_peft(target):
     base, x = build_tiny(1), tiny_input(1)
     pm = make_peft(base, [target])
@@ -82,8 +85,10 @@ def test_single_layer_matches_peft(target):
         assert not torch.allclose(ref, base(x), atol=1e-3)  # the adapter does something
         close(ours(x), ref)
         # The dense delta agrees with PEFT's own get_delta_weight too.
-        close(patches[target].delta(base.get_submodule(target).weight.shape),
-              pm.get_submodule(PREFIX + target).get_delta_weight("default"))
+        close(
+            patches[target].delta(base.get_submodule(target).weight.shape),
+            pm.get_submodule(PREFIX + target).get_delta_weight("default"),
+        )
 
 
 def test_every_layer_kind_at_once_via_attach_lora():
@@ -211,13 +216,16 @@ def test_fuse_unfuse_round_trips_stay_on_peft():
         close(ours(x), merged)
 
 
-@pytest.mark.parametrize("target", [
-    pytest.param("blocks.0.to_q", id="linear"),
-    pytest.param("blocks.0.to_v", id="linear-nobias"),
-    pytest.param("proj", id="conv1x1"),
-    pytest.param("conv_in", id="conv3x3-stride-pad"),
-    pytest.param("conv_mid", id="conv3x3-nobias"),
-])
+@pytest.mark.parametrize(
+    "target",
+    [
+        pytest.param("blocks.0.to_q", id="linear"),
+        pytest.param("blocks.0.to_v", id="linear-nobias"),
+        pytest.param("proj", id="conv1x1"),
+        pytest.param("conv_in", id="conv3x3-stride-pad"),
+        pytest.param("conv_mid", id="conv3x3-nobias"),
+    ],
+)
 def test_dora_row_axis_matches_peft(target):
     """LoraPatch + DoraMagnitude(m, "out") equals PEFT's use_dora layer with the same A, B and magnitude vector."""
     base, x = build_tiny(15), tiny_input(15)
@@ -229,8 +237,9 @@ def test_dora_row_axis_matches_peft(target):
     with torch.no_grad():
         mag.copy_(mag * (1.0 + 0.5 * torch.rand(mag.shape, generator=gen)))  # not the initial norms
     patch = patches[target]
-    dora = LoraPatch(up=patch.up, down=patch.down, alpha=patch.alpha,
-                     dora=DoraMagnitude(mag.detach().flatten().clone(), "out"))
+    dora = LoraPatch(
+        up=patch.up, down=patch.down, alpha=patch.alpha, dora=DoraMagnitude(mag.detach().flatten().clone(), "out")
+    )
     ours = copy.deepcopy(base)
     handle = attach_patches(ours, {target: dora}, "default")
     with torch.no_grad():

@@ -84,13 +84,21 @@ def layer_outputs(model, seed) -> dict[str, torch.Tensor]:
 
 
 @FEW
-@given(seed=seeds, targets=target_sets, rank=ranks, dtype=st.sampled_from(DTYPES), weight=strengths,
-       dora=st.booleans(), rounds=st.integers(1, 3))
+@given(
+    seed=seeds,
+    targets=target_sets,
+    rank=ranks,
+    dtype=st.sampled_from(DTYPES),
+    weight=strengths,
+    dora=st.booleans(),
+    rounds=st.integers(1, 3),
+)
 def test_fuse_then_unfuse_is_bitwise_identity(seed, targets, rank, dtype, weight, dora, rounds):
     model = build_tiny(seed % 7, dtype)
     saved = snapshot(model)
-    handle = attach_patches(model, random_patches(model, targets, rank, seed, dtype=dtype, dora=dora), "p",
-                            weight=weight)
+    handle = attach_patches(
+        model, random_patches(model, targets, rank, seed, dtype=dtype, dora=dora), "p", weight=weight
+    )
     params = {k: v.detach().clone() for k, v in plain_params(model).items()}
     for _ in range(rounds):
         fuse(model)
@@ -129,8 +137,9 @@ def test_dynamic_equals_fused_low_precision(dtype):
 
 
 @FEW
-@given(seed=seeds, targets=target_sets, rank=ranks, dtype=st.sampled_from(DTYPES), dora=st.booleans(),
-       fused=st.booleans())
+@given(
+    seed=seeds, targets=target_sets, rank=ranks, dtype=st.sampled_from(DTYPES), dora=st.booleans(), fused=st.booleans()
+)
 def test_weight_zero_is_the_base_model_exactly(seed, targets, rank, dtype, dora, fused):
     model, x = build_tiny(seed % 5, dtype), tiny_input(seed % 3, dtype)
     with torch.no_grad():
@@ -144,8 +153,9 @@ def test_weight_zero_is_the_base_model_exactly(seed, targets, rank, dtype, dora,
 
 
 @FEW
-@given(seed=seeds, targets=target_sets, rank=ranks, dtype=st.sampled_from(DTYPES), fused=st.booleans(),
-       two=st.booleans())
+@given(
+    seed=seeds, targets=target_sets, rank=ranks, dtype=st.sampled_from(DTYPES), fused=st.booleans(), two=st.booleans()
+)
 def test_detach_restores_original_modules_and_bits(seed, targets, rank, dtype, fused, two):
     model = build_tiny(seed % 5, dtype)
     modules = dict(model.named_modules())
@@ -206,11 +216,24 @@ def test_enable_disable_and_context_restore(seed, targets, rank, fused, weight):
 
 
 @FEW
-@given(seed=seeds, targets=target_sets, rank=ranks, conv_rank=st.one_of(st.none(), ranks), rslora=st.booleans(),
-       tucker=st.booleans())
+@given(
+    seed=seeds,
+    targets=target_sets,
+    rank=ranks,
+    conv_rank=st.one_of(st.none(), ranks),
+    rslora=st.booleans(),
+    tucker=st.booleans(),
+)
 def test_adapter_state_dict_round_trip(seed, targets, rank, conv_rank, rslora, tucker):
-    config = LoraConfig(rank=rank, alpha=2.0, conv_rank=conv_rank, targets=targets, use_rslora=rslora,
-                        conv_tucker=tucker, allow_missing=True)
+    config = LoraConfig(
+        rank=rank,
+        alpha=2.0,
+        conv_rank=conv_rank,
+        targets=targets,
+        use_rslora=rslora,
+        conv_tucker=tucker,
+        allow_missing=True,
+    )
     if conv_rank is None and not any(math.prod(build_tiny().get_submodule(t).weight.shape[2:]) == 1 for t in targets):
         return  # only 3x3 convs targeted and conv_rank None: nothing to attach (tested in test_errors)
     src, x = build_tiny(seed % 5), tiny_input(seed % 3)

@@ -26,9 +26,16 @@ def _unet() -> nn.Module:
 
     torch.manual_seed(0)
     return UNet2DConditionModel(
-        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=12, norm_num_groups=4, attention_head_dim=2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=12,
+        norm_num_groups=4,
+        attention_head_dim=2,
     ).eval()
 
 
@@ -39,10 +46,19 @@ def _sdxl_unet() -> nn.Module:
     torch.manual_seed(3)
     # SDXL's layout in small: no attention in the first down / last up block, added time + text embedding.
     return UNet2DConditionModel(
-        block_out_channels=(8, 16), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=12, norm_num_groups=4, attention_head_dim=2, addition_embed_type="text_time",
-        addition_time_embed_dim=4, projection_class_embeddings_input_dim=30,
+        block_out_channels=(8, 16),
+        layers_per_block=2,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=12,
+        norm_num_groups=4,
+        attention_head_dim=2,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=30,
     ).eval()
 
 
@@ -51,9 +67,18 @@ def _text_encoder_2() -> nn.Module:
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     torch.manual_seed(4)
-    config = CLIPTextConfig(hidden_size=12, intermediate_size=24, num_attention_heads=2, num_hidden_layers=2,
-                            vocab_size=50, max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-                            projection_dim=6)
+    config = CLIPTextConfig(
+        hidden_size=12,
+        intermediate_size=24,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        vocab_size=50,
+        max_position_embeddings=8,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        projection_dim=6,
+    )
     return CLIPTextModelWithProjection(config).eval()
 
 
@@ -62,8 +87,17 @@ def _text_encoder() -> nn.Module:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(1)
-    config = CLIPTextConfig(hidden_size=12, intermediate_size=24, num_attention_heads=2, num_hidden_layers=2,
-                            vocab_size=50, max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    config = CLIPTextConfig(
+        hidden_size=12,
+        intermediate_size=24,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        vocab_size=50,
+        max_position_embeddings=8,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     return CLIPTextModel(config).eval()
 
 
@@ -72,9 +106,17 @@ def _flux() -> nn.Module:
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(2)
-    return FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=4,
-                                  num_attention_heads=2, joint_attention_dim=6, pooled_projection_dim=5,
-                                  axes_dims_rope=(2, 2)).eval()
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=4,
+        num_attention_heads=2,
+        joint_attention_dim=6,
+        pooled_projection_dim=5,
+        axes_dims_rope=(2, 2),
+    ).eval()
 
 
 def tiny_unet() -> nn.Module:
@@ -107,8 +149,13 @@ def unet_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 500]), torch.randn(2, 5, 12, generator=g)
 
 
-def random_lora(tables: dict[str, dict[str, tuple[int, ...]]], *, seed: int = 0, alphas=(0.5, 2.0, 3.0),
-                skip=lambda component, name, shape: len(shape) < 2) -> LoraFile:
+def random_lora(
+    tables: dict[str, dict[str, tuple[int, ...]]],
+    *,
+    seed: int = 0,
+    alphas=(0.5, 2.0, 3.0),
+    skip=lambda component, name, shape: len(shape) < 2,
+) -> LoraFile:
     """A LoRA on every weight of the given tables with ranks 1-3 and alphas cycling through ``alphas``."""
     g = torch.Generator().manual_seed(seed)
     patches: dict[Target, Patch] = {}

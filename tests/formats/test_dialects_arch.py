@@ -42,8 +42,11 @@ def _lora_on(table_items, seed=0, alpha=2.0):
     g = torch.Generator().manual_seed(seed)
     patches = {}
     for target, shape in table_items:
-        patches[target] = LoraPatch(up=torch.randn(shape[0], 1, *([1] * (len(shape) - 2)), generator=g),
-                                    down=torch.randn(1, *shape[1:], generator=g), alpha=alpha)
+        patches[target] = LoraPatch(
+            up=torch.randn(shape[0], 1, *([1] * (len(shape) - 2)), generator=g),
+            down=torch.randn(1, *shape[1:], generator=g),
+            alpha=alpha,
+        )
     return LoraFile(patches=patches)
 
 
@@ -68,8 +71,9 @@ def test_sdxl_kohya_ldm_names_load_in_diffusers(tmp_path):
             if isinstance(layer, BaseTunerLayer):
                 layer.merge(adapter_names=["x"])
                 target = Target(component, name.replace(".base_layer", ""))
-                want = apply_patches(originals[component].get_submodule(target.module).weight,
-                                     [(lora.patches[target], 1.0)])
+                want = apply_patches(
+                    originals[component].get_submodule(target.module).weight, [(lora.patches[target], 1.0)]
+                )
                 torch.testing.assert_close(layer.base_layer.weight, want, atol=2e-5, rtol=1e-5, msg=str(target))
                 placed.add(target)
     assert placed == set(lora.patches)
@@ -79,9 +83,15 @@ def test_sdxl_real_names_place_without_a_model():
     """A real SDXL kohya file: the architecture follows from the LDM names, the tables from lorakit.arch."""
     unet, te2 = module_table("sdxl", "unet"), module_table("sdxl", "text_encoder_2")
     module = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
-    lora = _lora_on([(Target("unet", module), unet[module]),
-                     (Target("text_encoder_2", "text_model.encoder.layers.0.self_attn.q_proj"),
-                      te2["text_model.encoder.layers.0.self_attn.q_proj"])])
+    lora = _lora_on(
+        [
+            (Target("unet", module), unet[module]),
+            (
+                Target("text_encoder_2", "text_model.encoder.layers.0.self_attn.q_proj"),
+                te2["text_model.encoder.layers.0.self_attn.q_proj"],
+            ),
+        ]
+    )
     tensors, _ = to_state_dict(lora, "kohya", arch="sdxl")
     assert sorted(tensors)[0].startswith("lora_te2_text_model_encoder_layers_0_self_attn_q_proj.")
     assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight" in tensors
@@ -95,10 +105,13 @@ def test_sd3_joint_blocks_split_and_fuse_exactly():
     parts = [f"transformer_blocks.0.attn.{p}" for p in ("to_q", "to_k", "to_v")]
     g = torch.Generator().manual_seed(1)
     down = torch.randn(2, table[parts[0]][1], generator=g)
-    patches = {Target("transformer", p): LoraPatch(up=torch.randn(table[p][0], 2, generator=g), down=down, alpha=1.0)
-               for p in parts}
+    patches = {
+        Target("transformer", p): LoraPatch(up=torch.randn(table[p][0], 2, generator=g), down=down, alpha=1.0)
+        for p in parts
+    }
     patches[Target("transformer", "transformer_blocks.0.ff.net.2")] = LoraPatch(
-        up=torch.randn(1536, 1, generator=g), down=torch.randn(1, 6144, generator=g), alpha=4.0)
+        up=torch.randn(1536, 1, generator=g), down=torch.randn(1, 6144, generator=g), alpha=4.0
+    )
     lora = LoraFile(patches=patches)
     tensors, _ = to_state_dict(lora, "kohya", arch="sd3")
     assert tensors["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight"].shape == (3 * 1536, 2)
@@ -125,12 +138,15 @@ def test_sd3_t5_is_te3_and_flux_t5_is_te3_too():
         assert set(load_lora(tensors, arch=arch).patches) == set(lora.patches)
 
 
-@pytest.mark.parametrize(("metadata", "arch"), [
-    ({"ss_base_model_version": "sdxl_base_v1-0"}, "sdxl"),
-    ({"ss_base_model_version": "sd_v1"}, "sd1"),
-    ({"modelspec.architecture": "stable-diffusion-v2-768-v/lora"}, "sd2"),
-    ({"modelspec.architecture": "Flux.1-dev/lora"}, "flux"),
-])
+@pytest.mark.parametrize(
+    ("metadata", "arch"),
+    [
+        ({"ss_base_model_version": "sdxl_base_v1-0"}, "sdxl"),
+        ({"ss_base_model_version": "sd_v1"}, "sd1"),
+        ({"modelspec.architecture": "stable-diffusion-v2-768-v/lora"}, "sd2"),
+        ({"modelspec.architecture": "Flux.1-dev/lora"}, "flux"),
+    ],
+)
 def test_architecture_from_metadata(metadata, arch):
     table = module_table(arch, "text_encoder")
     name = next(n for n in table if n.endswith("self_attn.q_proj"))
@@ -151,9 +167,12 @@ def test_sd1_width_tells_the_architecture():
 
 def test_comfy_sd1_uses_ldm_and_clip_names():
     unet, te = module_table("sd1", "unet"), module_table("sd1", "text_encoder")
-    lora = _lora_on([(Target("unet", "up_blocks.1.attentions.2.proj_out"), unet["up_blocks.1.attentions.2.proj_out"]),
-                     (Target("text_encoder", "text_model.encoder.layers.3.mlp.fc1"),
-                      te["text_model.encoder.layers.3.mlp.fc1"])])
+    lora = _lora_on(
+        [
+            (Target("unet", "up_blocks.1.attentions.2.proj_out"), unet["up_blocks.1.attentions.2.proj_out"]),
+            (Target("text_encoder", "text_model.encoder.layers.3.mlp.fc1"), te["text_model.encoder.layers.3.mlp.fc1"]),
+        ]
+    )
     tensors, _ = to_state_dict(lora, "comfy", arch="sd1")
     assert "diffusion_model.output_blocks.5.1.proj_out.lora_up.weight" in tensors
     assert "text_encoders.clip_l.transformer.text_model.encoder.layers.3.mlp.fc1.lora_up.weight" in tensors

@@ -126,9 +126,13 @@ def test_diffusers_rejects_alpha_keys_in_its_own_form(tmp_path):
 def _peft_trained_unet():
     """A UNet with a PEFT LoRA as diffusers training scripts add it, with rank and alpha patterns and random B."""
     unet = tiny_unet()
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in",
-                                                                 "conv1", "time_emb_proj"],
-                             rank_pattern={"to_k": 2}, alpha_pattern={"proj_in": 3, "conv1": 1})
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1", "time_emb_proj"],
+        rank_pattern={"to_k": 2},
+        alpha_pattern={"proj_in": 3, "conv1": 1},
+    )
     unet.add_adapter(config)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -171,8 +175,11 @@ def test_diffusers_roundtrip_through_lorakit_keeps_peft_outputs(tmp_path):
     from peft import get_peft_model_state_dict
 
     unet, _ = _peft_trained_unet()
-    PIPE.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(unet),
-                           unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+    PIPE.save_lora_weights(
+        tmp_path,
+        unet_lora_layers=get_peft_model_state_dict(unet),
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+    )
     lora = load_lora(tmp_path / "pytorch_lora_weights.safetensors", modules={"unet": tiny_unet()})
     save_lora(lora, tmp_path / "d2.safetensors", dialect="diffusers")
     again = _load_with_diffusers(tmp_path, "d2.safetensors")["unet"]

@@ -16,8 +16,11 @@ TABLES = {"unet": {"down_blocks.0.attentions.0.proj_in": (8, 8), "conv_in": (8, 
 
 
 def _kohya(name: str, out: int = 8, inp: int = 8) -> dict[str, torch.Tensor]:
-    return {f"{name}.lora_down.weight": torch.ones(2, inp), f"{name}.lora_up.weight": torch.ones(out, 2),
-            f"{name}.alpha": torch.tensor(1.0)}
+    return {
+        f"{name}.lora_down.weight": torch.ones(2, inp),
+        f"{name}.lora_up.weight": torch.ones(out, 2),
+        f"{name}.alpha": torch.tensor(1.0),
+    }
 
 
 def test_keys_of_an_unknown_dialect_are_listed_in_one_line():
@@ -31,15 +34,20 @@ def test_keys_of_an_unknown_dialect_are_listed_in_one_line():
 
 
 def test_kohya_without_a_module_table_says_to_pass_arch_or_modules():
-    tensors = {"lora_unet_conv_in.lora_down.weight": torch.ones(2, 4, 3, 3),
-               "lora_unet_conv_in.lora_up.weight": torch.ones(8, 2, 1, 1)}
+    tensors = {
+        "lora_unet_conv_in.lora_down.weight": torch.ones(2, 4, 3, 3),
+        "lora_unet_conv_in.lora_up.weight": torch.ones(8, 2, 1, 1),
+    }
     with pytest.raises(FileFormatError, match=r"unet module names are unknown.*pass arch= or modules="):
         load_lora(tensors)
 
 
 def test_unplaced_keys_fail_or_are_skipped_and_listed():
-    tensors = {**_kohya("lora_unet_down_blocks_0_attentions_0_proj_in"), **_kohya("lora_unet_no_such_module"),
-               "lora_unet_conv_in.hada_w9": torch.ones(1)}
+    tensors = {
+        **_kohya("lora_unet_down_blocks_0_attentions_0_proj_in"),
+        **_kohya("lora_unet_no_such_module"),
+        "lora_unet_conv_in.hada_w9": torch.ones(1),
+    }
     with pytest.raises(FileFormatError, match="lora_unet_no_such_module") as err:
         load_lora(tensors, modules=TABLES)
     assert "\n" not in str(err.value)
@@ -55,8 +63,10 @@ def test_mixed_and_unsupported_kinds_name_the_module():
     oft = {"lora_unet_conv_in.oft_blocks": torch.ones(2, 4, 4), "lora_unet_conv_in.alpha": torch.tensor(1.0)}
     with pytest.raises(FileFormatError, match="OFT.* not supported"):
         load_lora(oft, modules=TABLES)
-    broken = {"lora_unet_conv_in.lora_down.weight": torch.ones(2, 4, 3, 3),
-              "lora_unet_conv_in.lora_up.weight": torch.ones(8, 3, 1, 1)}
+    broken = {
+        "lora_unet_conv_in.lora_down.weight": torch.ones(2, 4, 3, 3),
+        "lora_unet_conv_in.lora_up.weight": torch.ones(8, 3, 1, 1),
+    }
     with pytest.raises(FileFormatError, match="lora_unet_conv_in: .*rank"):
         load_lora(broken, modules=TABLES)
     incomplete = {"lora_unet_conv_in.lora_down.weight": torch.ones(2, 4, 3, 3)}
@@ -65,9 +75,11 @@ def test_mixed_and_unsupported_kinds_name_the_module():
 
 
 def test_a_module_spelled_twice_is_refused():
-    tensors = {**_kohya("lora_unet_down_blocks_0_attentions_0_proj_in"),
-               "unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.ones(2, 8),
-               "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight": torch.ones(8, 2)}
+    tensors = {
+        **_kohya("lora_unet_down_blocks_0_attentions_0_proj_in"),
+        "unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.ones(2, 8),
+        "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight": torch.ones(8, 2),
+    }
     with pytest.raises(FileFormatError, match="two adapters for unet.down_blocks.0.attentions.0.proj_in"):
         load_lora(tensors, modules=TABLES)
 
@@ -90,12 +102,22 @@ def test_empty_pickled_and_unknown_writer_inputs(tmp_path):
 
 
 def test_writers_refuse_what_their_dialect_cannot_hold():
-    loha = LoraFile(patches={Target("unet", "conv_in"): LohaPatch(
-        w1a=torch.ones(8, 1), w1b=torch.ones(1, 36), w2a=torch.ones(8, 1), w2b=torch.ones(1, 36))})
+    loha = LoraFile(
+        patches={
+            Target("unet", "conv_in"): LohaPatch(
+                w1a=torch.ones(8, 1), w1b=torch.ones(1, 36), w2a=torch.ones(8, 1), w2b=torch.ones(1, 36)
+            )
+        }
+    )
     with pytest.raises(LorakitError, match="unet.conv_in: a LohaPatch cannot be written as diffusers"):
         to_state_dict(loha, "diffusers")
-    flux = LoraFile(patches={Target("transformer", "transformer_blocks.0.attn.to_q"): LoraPatch(
-        up=torch.ones(8, 1), down=torch.ones(1, 8))})
+    flux = LoraFile(
+        patches={
+            Target("transformer", "transformer_blocks.0.attn.to_q"): LoraPatch(
+                up=torch.ones(8, 1), down=torch.ones(1, 8)
+            )
+        }
+    )
     with pytest.raises(LorakitError, match="needs its original module names: pass arch="):
         to_state_dict(flux, "kohya")
 
@@ -105,8 +127,12 @@ def test_a_lora_for_another_model_does_not_fit_and_says_so():
     with pytest.raises(FileFormatError, match=r"does not fit unet.down_blocks.0.attentions.0.proj_in.*another model"):
         load_lora(wrong, modules=TABLES)
     assert load_lora(wrong, modules=TABLES, skip_unknown=True).skipped == sorted(wrong)
-    flux = {"transformer": {**{f"transformer_blocks.0.attn.to_{p}": (8, 8) for p in "qkv"},
-                            "single_transformer_blocks.0.proj_out": (8, 40)}}
+    flux = {
+        "transformer": {
+            **{f"transformer_blocks.0.attn.to_{p}": (8, 8) for p in "qkv"},
+            "single_transformer_blocks.0.proj_out": (8, 40),
+        }
+    }
     fused = _kohya("lora_unet_double_blocks_0_img_attn_qkv", out=30, inp=8)  # 3 x 8 rows expected
     with pytest.raises(FileFormatError, match="does not fit transformer.transformer_blocks.0.attn.to_q"):
         load_lora(fused, modules=flux)

@@ -56,8 +56,11 @@ def test_kohya_fused_names_roundtrip_exactly(tables):
 def test_kohya_file_matches_diffusers_converter(tmp_path, tables):
     # diffusers' converter hardcodes the full-size linear1 split (3072 x 3 + 12288): leave single blocks' q/k/v and
     # MLP input out of this tiny comparison; everything else, fused img/txt qkv and the swapped final norm included.
-    lora = random_lora(tables, alphas=(2.0, 0.5, 3.0),
-                       skip=lambda c, n, s: len(s) < 2 or n.startswith(SINGLE + "attn.to_") or "proj_mlp" in n)
+    lora = random_lora(
+        tables,
+        alphas=(2.0, 0.5, 3.0),
+        skip=lambda c, n, s: len(s) < 2 or n.startswith(SINGLE + "attn.to_") or "proj_mlp" in n,
+    )
     # diffusers 0.42 also drops the alpha of final_layer.* ("TODO: alphas" in its converter): keep scale 1 there.
     for module in ("proj_out", "norm_out.linear"):
         patch = lora.patches[Target("transformer", module)]
@@ -76,7 +79,7 @@ def test_split_keeps_a_and_alpha_and_fuse_inverts_it():
     pieces = split_patch(fused, parts)
     for part, piece in zip(parts, pieces, strict=True):
         assert piece.rank == 3 and piece.alpha == 1.5 and piece.down is fused.down
-        torch.testing.assert_close(piece.delta(), fused.delta()[part.rows[0]:part.rows[1]])
+        torch.testing.assert_close(piece.delta(), fused.delta()[part.rows[0] : part.rows[1]])
     again = fuse_patches(list(zip(parts, pieces, strict=True)))
     assert torch.equal(again.up, fused.up) and torch.equal(again.down, fused.down) and again.alpha == 1.5
 
@@ -86,8 +89,10 @@ def test_fusing_separate_loras_is_exact_with_the_strength_kept(alphas):
     g = torch.Generator().manual_seed(1)
     ranks = (1, 2, 3)
     parts = (Part("q", (0, 8)), Part("k", (8, 16)), Part("v", (16, 24)))
-    pieces = [LoraPatch(up=torch.randn(8, r, generator=g), down=torch.randn(r, 8, generator=g), alpha=a)
-              for r, a in zip(ranks, alphas, strict=True)]
+    pieces = [
+        LoraPatch(up=torch.randn(8, r, generator=g), down=torch.randn(r, 8, generator=g), alpha=a)
+        for r, a in zip(ranks, alphas, strict=True)
+    ]
     fused = fuse_patches(list(zip(parts, pieces, strict=True)))
     assert fused.rank == sum(ranks)
     if len({a / r for a, r in zip(alphas, ranks, strict=True)}) == 1:
@@ -100,12 +105,16 @@ def test_fusing_separate_loras_is_exact_with_the_strength_kept(alphas):
 
 def test_missing_parts_fuse_as_zero_rows(tables):
     g = torch.Generator().manual_seed(2)
-    lora = LoraFile(patches={
-        Target("transformer", BLOCK + "to_q"): LoraPatch(up=torch.randn(8, 2, generator=g),
-                                                         down=torch.randn(2, 8, generator=g), alpha=1.0),
-        Target("transformer", BLOCK + "to_v"): LoraPatch(up=torch.randn(8, 2, generator=g),
-                                                         down=torch.randn(2, 8, generator=g), alpha=4.0),
-    })
+    lora = LoraFile(
+        patches={
+            Target("transformer", BLOCK + "to_q"): LoraPatch(
+                up=torch.randn(8, 2, generator=g), down=torch.randn(2, 8, generator=g), alpha=1.0
+            ),
+            Target("transformer", BLOCK + "to_v"): LoraPatch(
+                up=torch.randn(8, 2, generator=g), down=torch.randn(2, 8, generator=g), alpha=4.0
+            ),
+        }
+    )
     back = load_lora(to_state_dict(lora, "kohya", modules=tables)[0], modules=tables)
     assert set(back.patches) == {Target("transformer", BLOCK + p) for p in ("to_q", "to_k", "to_v")}
     assert back.patches[Target("transformer", BLOCK + "to_k")].delta().abs().max() == 0
@@ -116,8 +125,9 @@ def test_missing_parts_fuse_as_zero_rows(tables):
 def test_lokr_on_fused_qkv_stays_fused_on_row_targets(tables):
     g = torch.Generator().manual_seed(3)
     patch = LokrPatch(w1=torch.randn(3, 2, generator=g), w2=torch.randn(8, 4, generator=g))
-    tensors = {f"lora_unet_double_blocks_0_img_attn_qkv.{k}": v for k, v in
-               {"lokr_w1": patch.w1, "lokr_w2": patch.w2}.items()}
+    tensors = {
+        f"lora_unet_double_blocks_0_img_attn_qkv.{k}": v for k, v in {"lokr_w1": patch.w1, "lokr_w2": patch.w2}.items()
+    }
     lora = load_lora(tensors, modules=tables)
     assert {t.rows for t in lora.patches} == {(0, 8), (8, 16), (16, 24)}
     assert all(p is next(iter(lora.patches.values())) for p in lora.patches.values())
@@ -129,9 +139,14 @@ def test_lokr_on_fused_qkv_stays_fused_on_row_targets(tables):
 
 def test_xlabs_file_reads_as_diffusers_converts_it(tmp_path, tables):
     g = torch.Generator().manual_seed(4)
-    shapes = {"double_blocks.0.processor.qkv_lora1": (24, 8), "double_blocks.0.processor.proj_lora1": (8, 8),
-              "double_blocks.0.processor.qkv_lora2": (24, 8), "double_blocks.0.processor.proj_lora2": (8, 8),
-              "single_blocks.0.processor.qkv_lora": (24, 8), "single_blocks.0.processor.proj_lora": (8, 40)}
+    shapes = {
+        "double_blocks.0.processor.qkv_lora1": (24, 8),
+        "double_blocks.0.processor.proj_lora1": (8, 8),
+        "double_blocks.0.processor.qkv_lora2": (24, 8),
+        "double_blocks.0.processor.proj_lora2": (8, 8),
+        "single_blocks.0.processor.qkv_lora": (24, 8),
+        "single_blocks.0.processor.proj_lora": (8, 40),
+    }
     tensors = {}
     for name, (out, inp) in shapes.items():
         tensors[f"{name}.down.weight"] = torch.randn(2, inp, generator=g)
@@ -163,12 +178,16 @@ def test_lora_a_on_bfl_names_splits_like_kohya(tables):
     """BFL's own LoRAs put lora_A / lora_B on the original fused names; they split exactly like kohya's."""
     g = torch.Generator().manual_seed(5)
     down, up = torch.randn(2, 8, generator=g), torch.randn(56, 2, generator=g)
-    lora = load_lora({"single_blocks.0.linear1.lora_A.weight": down, "single_blocks.0.linear1.lora_B.weight": up},
-                     modules=tables)
-    assert [t.module for t in lora.patches] == [SINGLE + p for p in ("attn.to_k", "attn.to_q", "attn.to_v",
-                                                                      "proj_mlp")]
-    fused = torch.cat([lora.patches[Target("transformer", SINGLE + p)].delta()
-                       for p in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")])
+    lora = load_lora(
+        {"single_blocks.0.linear1.lora_A.weight": down, "single_blocks.0.linear1.lora_B.weight": up}, modules=tables
+    )
+    assert [t.module for t in lora.patches] == [SINGLE + p for p in ("attn.to_k", "attn.to_q", "attn.to_v", "proj_mlp")]
+    fused = torch.cat(
+        [
+            lora.patches[Target("transformer", SINGLE + p)].delta()
+            for p in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
+        ]
+    )
     torch.testing.assert_close(fused, up @ down)
 
 
@@ -178,8 +197,13 @@ def test_kohya_style_keys_on_diffusers_names_read(tables):
     tensors = {}
     for target, patch in lora.patches.items():
         flat = "lora_transformer_" + target.module.replace(".", "_")
-        tensors.update({f"{flat}.lora_down.weight": patch.down, f"{flat}.lora_up.weight": patch.up,
-                        f"{flat}.alpha": torch.tensor(patch.alpha)})
+        tensors.update(
+            {
+                f"{flat}.lora_down.weight": patch.down,
+                f"{flat}.lora_up.weight": patch.up,
+                f"{flat}.alpha": torch.tensor(patch.alpha),
+            }
+        )
     back = load_lora(tensors, modules=tables)
     assert set(back.patches) == set(lora.patches)
     for target, patch in lora.patches.items():

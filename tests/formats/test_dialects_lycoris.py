@@ -40,8 +40,9 @@ def _lycoris_file(path, algo: str, options: dict) -> torch.Tensor:
     wrapped = ["Linear", "Conv2d"] + (["GroupNorm", "LayerNorm"] if options.get("train_norm") else [])
     lycoris.LycorisNetwork.apply_preset({"target_module": wrapped})  # a class-wide setting
     try:
-        network = lycoris.create_lycoris(unet, 1.0, linear_dim=4, linear_alpha=2.0, conv_dim=2, conv_alpha=3.0,
-                                         algo=algo, **options)
+        network = lycoris.create_lycoris(
+            unet, 1.0, linear_dim=4, linear_alpha=2.0, conv_dim=2, conv_alpha=3.0, algo=algo, **options
+        )
     finally:
         lycoris.LycorisNetwork.apply_preset({"target_module": targets})
     network.apply_to()

@@ -71,22 +71,30 @@ def test_folder_roundtrip_is_exact(tmp_path):
             assert torch.equal(got.dora.magnitude.flatten(), patch.dora.magnitude.flatten())
 
 
-@pytest.mark.parametrize("options", [
-    {"rank_pattern": {"to_k": 2}, "alpha_pattern": {"proj_in": 3}},
-    {"use_rslora": True, "rank_pattern": {"conv1": 3}},
-    {"use_dora": True},
-], ids=["patterns", "rslora", "dora"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"rank_pattern": {"to_k": 2}, "alpha_pattern": {"proj_in": 3}},
+        {"use_rslora": True, "rank_pattern": {"conv1": 3}},
+        {"use_dora": True},
+    ],
+    ids=["patterns", "rslora", "dora"],
+)
 def test_folder_saved_by_peft_reads_with_peft_deltas(tmp_path, options):
     unet = tiny_unet()
-    config = peft.LoraConfig(r=4, lora_alpha=6, target_modules=["to_q", "to_k", "proj_in", "conv1", "ff.net.2"],
-                             **options)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=6, target_modules=["to_q", "to_k", "proj_in", "conv1", "ff.net.2"], **options
+    )
     model = peft.get_peft_model(unet, config)
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_" in name:
-                param.copy_(torch.rand(param.shape, generator=g) + 0.2 if "magnitude" in name
-                            else torch.randn(param.shape, generator=g) * 0.3)
+                param.copy_(
+                    torch.rand(param.shape, generator=g) + 0.2
+                    if "magnitude" in name
+                    else torch.randn(param.shape, generator=g) * 0.3
+                )
     model.save_pretrained(tmp_path)
     lora = load_lora(tmp_path, modules={"unet": tiny_unet()})
     base = tiny_unet()
@@ -115,12 +123,22 @@ def test_state_dict_form_carries_its_config():
 def test_kinds_peft_cannot_hold_are_refused_by_name():
     from lorakit.core.patches import LohaPatch
 
-    lora = LoraFile(patches={Target("unet", "conv_in"): LohaPatch(w1a=torch.ones(8, 1), w1b=torch.ones(1, 36),
-                                                                  w2a=torch.ones(8, 1), w2b=torch.ones(1, 36))})
+    lora = LoraFile(
+        patches={
+            Target("unet", "conv_in"): LohaPatch(
+                w1a=torch.ones(8, 1), w1b=torch.ones(1, 36), w2a=torch.ones(8, 1), w2b=torch.ones(1, 36)
+            )
+        }
+    )
     with pytest.raises(AdapterError, match="unet.conv_in.*LohaPatch.*kohya"):
         to_state_dict(lora, "peft")
-    column = LoraFile(patches={Target("unet", "conv_in"): LoraPatch(
-        up=torch.ones(8, 1), down=torch.ones(1, 4, 3, 3), dora=DoraMagnitude(torch.ones(1, 4, 1, 1), "in"))})
+    column = LoraFile(
+        patches={
+            Target("unet", "conv_in"): LoraPatch(
+                up=torch.ones(8, 1), down=torch.ones(1, 4, 3, 3), dora=DoraMagnitude(torch.ones(1, 4, 1, 1), "in")
+            )
+        }
+    )
     with pytest.raises(AdapterError, match="per input column"):
         to_state_dict(column, "diffusers")
     mixed = _unet_lora()

@@ -71,15 +71,26 @@ def _base_patch(draw, kind: str, shape: tuple[int, ...], rank: int) -> Patch:
     if kind == "lora" or (kind == "tucker" and not any(s > 1 for s in k)):
         return LoraPatch(up=_rand(draw, out, rank, *(1,) * len(k)), down=_rand(draw, rank, inp, *k))
     if kind == "tucker":
-        return LoraPatch(up=_rand(draw, out, rank, 1, 1), down=_rand(draw, rank, inp, 1, 1),
-                         mid=_rand(draw, rank, rank, *k))
+        return LoraPatch(
+            up=_rand(draw, out, rank, 1, 1), down=_rand(draw, rank, inp, 1, 1), mid=_rand(draw, rank, rank, *k)
+        )
     if kind == "loha" or (kind == "loha_tucker" and not k):
         flat = inp * (k[0] * k[1] if k else 1)
-        return LohaPatch(w1a=_rand(draw, out, rank), w1b=_rand(draw, rank, flat), w2a=_rand(draw, out, rank),
-                         w2b=_rand(draw, rank, flat))
+        return LohaPatch(
+            w1a=_rand(draw, out, rank),
+            w1b=_rand(draw, rank, flat),
+            w2a=_rand(draw, out, rank),
+            w2b=_rand(draw, rank, flat),
+        )
     if kind == "loha_tucker":
-        return LohaPatch(w1a=_rand(draw, rank, out), w1b=_rand(draw, rank, inp), t1=_rand(draw, rank, rank, *k),
-                         w2a=_rand(draw, rank, out), w2b=_rand(draw, rank, inp), t2=_rand(draw, rank, rank, *k))
+        return LohaPatch(
+            w1a=_rand(draw, rank, out),
+            w1b=_rand(draw, rank, inp),
+            t1=_rand(draw, rank, rank, *k),
+            w2a=_rand(draw, rank, out),
+            w2b=_rand(draw, rank, inp),
+            t2=_rand(draw, rank, rank, *k),
+        )
     if kind == "lokr":
         return _lokr(draw, shape, rank)
     if kind == "full":
@@ -100,8 +111,11 @@ def patches(draw, kinds=tuple(KINDS), dora: bool = True):
     if dora and not isinstance(base, Ia3Patch) and draw(st.booleans()):
         rows = draw(st.booleans())
         ones = (1,) * (len(shape) - 1)
-        magnitude = DoraMagnitude(_rand(draw, shape[0], *ones, positive=True), "out") if rows else \
-            DoraMagnitude(_rand(draw, 1, shape[1], *ones[1:], positive=True), "in")
+        magnitude = (
+            DoraMagnitude(_rand(draw, shape[0], *ones, positive=True), "out")
+            if rows
+            else DoraMagnitude(_rand(draw, 1, shape[1], *ones[1:], positive=True), "in")
+        )
     fields = {k: v for k, v in vars(base).items() if k not in ("alpha", "dora")}
     dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
     fields = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in fields.items()}
@@ -180,8 +194,10 @@ def test_diffusers_and_peft_give_the_same_effect_back(dialect, items):
 
 
 @SETTINGS
-@given(items=st.lists(patches(kinds=("lora",), dora=False), min_size=1, max_size=3, unique_by=lambda item: item[0]),
-       dtype=st.sampled_from([torch.float16, torch.bfloat16]))
+@given(
+    items=st.lists(patches(kinds=("lora",), dora=False), min_size=1, max_size=3, unique_by=lambda item: item[0]),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+)
 def test_dtype_casts_weights_but_keeps_alpha_exact(tmp_path_factory, items, dtype):
     lora = LoraFile(patches=dict(items))
     path = tmp_path_factory.mktemp("cast") / "k.safetensors"
@@ -193,9 +209,12 @@ def test_dtype_casts_weights_but_keeps_alpha_exact(tmp_path_factory, items, dtyp
 
 
 def test_same_lora_gives_the_same_bytes(tmp_path):
-    lora = LoraFile(patches={Target("unet", "conv_in"): LoraPatch(up=torch.ones(8, 2, 1, 1),
-                                                                  down=torch.ones(2, 4, 3, 3), alpha=1.5)},
-                    metadata={"ss_output_name": "x", "sshs_model_hash": "stale"})
+    lora = LoraFile(
+        patches={
+            Target("unet", "conv_in"): LoraPatch(up=torch.ones(8, 2, 1, 1), down=torch.ones(2, 4, 3, 3), alpha=1.5)
+        },
+        metadata={"ss_output_name": "x", "sshs_model_hash": "stale"},
+    )
     first = save_lora(lora, tmp_path / "a.safetensors", modules=TABLES).read_bytes()
     second = save_lora(lora, tmp_path / "b.safetensors", modules=TABLES).read_bytes()
     assert first == second
@@ -206,10 +225,13 @@ def test_same_lora_gives_the_same_bytes(tmp_path):
 def test_diffusers_network_alpha_keys_and_unprefixed_names_read():
     """``<component>.<module>.alpha`` keys (diffusers' network_alphas) set the strength; bare names find their table."""
     down, up = torch.ones(2, 4, 3, 3), torch.ones(8, 2, 1, 1)
-    tensors = {"unet.conv_in.lora_A.weight": down, "unet.conv_in.lora_B.weight": up,
-               "unet.conv_in.alpha": torch.tensor(0.5),
-               "encoder.layers.0.mlp.fc1.lora_A.weight": torch.ones(3, 12),
-               "encoder.layers.0.mlp.fc1.lora_B.weight": torch.ones(24, 3)}
+    tensors = {
+        "unet.conv_in.lora_A.weight": down,
+        "unet.conv_in.lora_B.weight": up,
+        "unet.conv_in.alpha": torch.tensor(0.5),
+        "encoder.layers.0.mlp.fc1.lora_A.weight": torch.ones(3, 12),
+        "encoder.layers.0.mlp.fc1.lora_B.weight": torch.ones(24, 3),
+    }
     lora = load_lora(tensors, modules=TABLES)
     assert lora.patches[Target("unet", "conv_in")].scale == 0.25
     assert lora.patches[Target("text_encoder", "encoder.layers.0.mlp.fc1")].scale == 1.0

@@ -40,14 +40,18 @@ def test_concat_merge_is_exact_for_mixed_ranks_and_negative_weights():
     for target, patch in result.lora.patches.items():
         shape = SHAPES[target.module]
         assert patch.rank == 14
-        torch.testing.assert_close(patch.delta(torch.Size(shape)).double(), _weighted_sum(inputs, target, shape),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            patch.delta(torch.Size(shape)).double(), _weighted_sum(inputs, target, shape), rtol=1e-5, atol=1e-5
+        )
     assert result.worst_error == 0.0
 
 
 @settings(max_examples=15, deadline=None)
-@given(ranks=st.lists(st.integers(1, 8), min_size=2, max_size=3), rank=st.integers(1, 10),
-       weights=st.lists(st.floats(-1.5, 1.5).filter(lambda w: abs(w) > 0.05), min_size=3, max_size=3))
+@given(
+    ranks=st.lists(st.integers(1, 8), min_size=2, max_size=3),
+    rank=st.integers(1, 10),
+    weights=st.lists(st.floats(-1.5, 1.5).filter(lambda w: abs(w) > 0.05), min_size=3, max_size=3),
+)
 def test_svd_merge_error_is_the_discarded_energy(ranks, rank, weights):
     inputs = [(_lora(r, r / 2, i), w) for i, (r, w) in enumerate(zip(ranks, weights))]
     result = merge_loras(inputs, method="svd", rank=rank)
@@ -66,8 +70,13 @@ def test_svd_merge_error_is_the_discarded_energy(ranks, rank, weights):
 
 def test_mixed_kinds_merge_through_their_deltas():
     g = torch.Generator().manual_seed(3)
-    loha = LohaPatch(w1a=torch.randn(24, 2, generator=g), w1b=torch.randn(2, 16, generator=g),
-                     w2a=torch.randn(24, 2, generator=g), w2b=torch.randn(2, 16, generator=g), alpha=1.0)
+    loha = LohaPatch(
+        w1a=torch.randn(24, 2, generator=g),
+        w1b=torch.randn(2, 16, generator=g),
+        w2a=torch.randn(24, 2, generator=g),
+        w2b=torch.randn(2, 16, generator=g),
+        alpha=1.0,
+    )
     target = Target("unet", "a.to_q")
     inputs = [(_lora(4, 4.0, 0, {"a.to_q": (24, 16)}), 0.7), (LoraFile(patches={target: loha}, arch="sd1"), 0.4)]
     exact = _weighted_sum(inputs, target, (24, 16))
@@ -131,5 +140,6 @@ def test_svd_merge_agrees_with_peft_add_weighted_adapter():
     model.add_weighted_adapter(["x", "y"], [0.6, -0.9], "merged", combination_type="svd", svd_rank=5)
     peft_delta = layer.get_delta_weight("merged").double()
     ours = merge_loras([(files[0], 0.6), (files[1], -0.9)], method="svd", rank=5)
-    torch.testing.assert_close(ours.lora.patches[Target("unet", "0")].delta().double(), peft_delta, rtol=1e-4,
-                               atol=1e-5)
+    torch.testing.assert_close(
+        ours.lora.patches[Target("unet", "0")].delta().double(), peft_delta, rtol=1e-4, atol=1e-5
+    )

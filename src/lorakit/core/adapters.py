@@ -72,8 +72,18 @@ class LoraAdapter(Adapter):
     ``[r, r, kh, kw]``), ``lora_B`` is ``[out, r]`` (conv: ``[out, r, 1, 1]``).
     """
 
-    def __init__(self, state: AdapterState, up: Tensor, down: Tensor, mid: Tensor | None, alpha: float,
-                 *, dropout: float = 0.0, use_rslora: bool = False, trainable: bool = False) -> None:
+    def __init__(
+        self,
+        state: AdapterState,
+        up: Tensor,
+        down: Tensor,
+        mid: Tensor | None,
+        alpha: float,
+        *,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        trainable: bool = False,
+    ) -> None:
         super().__init__(state)
         self.lora_A = nn.Parameter(down, requires_grad=trainable)
         self.lora_B = nn.Parameter(up, requires_grad=trainable)
@@ -85,8 +95,17 @@ class LoraAdapter(Adapter):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     @classmethod
-    def fresh(cls, state: AdapterState, layer: nn.Module, rank: int, alpha: float, *, dropout: float = 0.0,
-              use_rslora: bool = False, tucker: bool = False) -> LoraAdapter:
+    def fresh(
+        cls,
+        state: AdapterState,
+        layer: nn.Module,
+        rank: int,
+        alpha: float,
+        *,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        tucker: bool = False,
+    ) -> LoraAdapter:
         """A new trainable adapter for ``layer``: A Kaiming-uniform, B zero."""
         weight = layer.weight
         out_f, in_f, *kernel = weight.shape
@@ -106,8 +125,9 @@ class LoraAdapter(Adapter):
     def from_patch(cls, state: AdapterState, patch: LoraPatch) -> LoraAdapter:
         """A frozen adapter holding a LoRA patch's factors (alpha None reads as alpha = r)."""
         alpha = patch.alpha if patch.alpha is not None else patch.rank
-        return cls(state, patch.up.detach(), patch.down.detach(),
-                   None if patch.mid is None else patch.mid.detach(), alpha)
+        return cls(
+            state, patch.up.detach(), patch.down.detach(), None if patch.mid is None else patch.mid.detach(), alpha
+        )
 
     @property
     def low_rank(self) -> bool:

@@ -1,10 +1,10 @@
 """Finding layers and attaching named adapters to any nn.Module.
 
-    handle = attach_lora(model, LoraConfig(rank=8, targets=["to_q", "to_v"]), name="style")
-    handle.set_weight(0.7)          # one float: O(1), nothing rebuilt
-    with adapters_disabled(model):  # the base model's output
-        ...
-    detach(model)                   # the original modules back, bit for bit
+handle = attach_lora(model, LoraConfig(rank=8, targets=["to_q", "to_v"]), name="style")
+handle.set_weight(0.7)          # one float: O(1), nothing rebuilt
+with adapters_disabled(model):  # the base model's output
+    ...
+detach(model)                   # the original modules back, bit for bit
 """
 
 from __future__ import annotations
@@ -38,8 +38,14 @@ def _matches(name: str, pattern: str | Sequence[str]) -> bool:
     return any(name == p or name.endswith("." + p) for p in pattern)
 
 
-def match_modules(model: nn.Module, targets: str | Sequence[str], exclude: str | Sequence[str] | None = None,
-                  *, kinds: tuple[type, ...] = SUPPORTED_LAYERS, allow_missing: bool = False) -> list[str]:
+def match_modules(
+    model: nn.Module,
+    targets: str | Sequence[str],
+    exclude: str | Sequence[str] | None = None,
+    *,
+    kinds: tuple[type, ...] = SUPPORTED_LAYERS,
+    allow_missing: bool = False,
+) -> list[str]:
     """Names of the modules of ``kinds`` that match ``targets`` and not ``exclude``.
 
     A string is a regex matched against the full module name; a list matches exact names or dotted suffixes.
@@ -47,19 +53,26 @@ def match_modules(model: nn.Module, targets: str | Sequence[str], exclude: str |
     Raises:
         TargetError: nothing matched, or (for a list, unless ``allow_missing``) one entry matched nothing.
     """
-    names = [plain_name(n) for n, m in model.named_modules()
-             if isinstance(m, kinds) and not isinstance(m, AdaptedLayer) and ".adapters." not in n]
+    names = [
+        plain_name(n)
+        for n, m in model.named_modules()
+        if isinstance(m, kinds) and not isinstance(m, AdaptedLayer) and ".adapters." not in n
+    ]
     found = [n for n in names if _matches(n, targets) and not (exclude and _matches(n, exclude))]
     kind_names = "/".join(k.__name__ for k in kinds)
     if not found:
         sample = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-        raise TargetError(f"targets {targets!r} match no {kind_names} module of {type(model).__name__} "
-                          f"({len(names)} candidates, e.g. {sample or 'none'}); check the names or the regex")
+        raise TargetError(
+            f"targets {targets!r} match no {kind_names} module of {type(model).__name__} "
+            f"({len(names)} candidates, e.g. {sample or 'none'}); check the names or the regex"
+        )
     if not isinstance(targets, str) and not allow_missing:
         missing = [p for p in targets if not any(n == p or n.endswith("." + p) for n in found)]
         if missing:
-            raise TargetError(f"target entries {missing} match no {kind_names} module of {type(model).__name__}; "
-                              f"fix them or pass allow_missing=True")
+            raise TargetError(
+                f"target entries {missing} match no {kind_names} module of {type(model).__name__}; "
+                f"fix them or pass allow_missing=True"
+            )
     return found
 
 
@@ -99,16 +112,19 @@ def wrap(model: nn.Module, name: str) -> AdaptedLayer:
 def check_adapter_name(name: str) -> None:
     """Refuse a name that cannot key the layers' ``nn.ModuleDict`` (empty, dotted, or a Module attribute)."""
     if not isinstance(name, str) or not name or "." in name or hasattr(nn.ModuleDict(), name):
-        raise AdapterError(f"{name!r} cannot name an adapter: use a non-empty name without dots that is not an "
-                           f"nn.Module attribute (such as 'train' or 'to'), e.g. 'style' or 'lora_1'")
+        raise AdapterError(
+            f"{name!r} cannot name an adapter: use a non-empty name without dots that is not an "
+            f"nn.Module attribute (such as 'train' or 'to'), e.g. 'style' or 'lora_1'"
+        )
 
 
 def new_state(model: nn.Module, name: str, weight: float, replace: bool) -> AdapterState:
     check_adapter_name(name)
     reg = registry(model)
     if name in reg and not replace:
-        raise AdapterError(f"adapter {name!r} is already attached to this model; remove it first or choose another "
-                           f"name")
+        raise AdapterError(
+            f"adapter {name!r} is already attached to this model; remove it first or choose another name"
+        )
     if name in reg:
         remove_adapter(model, name)
     state = AdapterState(name, weight)
@@ -135,10 +151,13 @@ def check_lora_fits(layer: nn.Module, patch: LoraPatch, where: str) -> None:
     weight_shape = tuple(layer.weight.shape)
     out_f, in_f, *kernel = weight_shape
     down_ok = patch.down.shape[1] == in_f and (
-        patch.mid is not None or tuple(patch.down.shape[2:]) in (tuple(kernel), ()) or not kernel)
+        patch.mid is not None or tuple(patch.down.shape[2:]) in (tuple(kernel), ()) or not kernel
+    )
     if patch.up.shape[0] != out_f or not down_ok or (isinstance(layer, nn.Conv2d) and layer.groups != 1):
-        raise ShapeError(f"adapter for {where}: up {tuple(patch.up.shape)} / down {tuple(patch.down.shape)} do not "
-                         f"fit the layer's weight {weight_shape}; the LoRA was made for another model")
+        raise ShapeError(
+            f"adapter for {where}: up {tuple(patch.up.shape)} / down {tuple(patch.down.shape)} do not "
+            f"fit the layer's weight {weight_shape}; the LoRA was made for another model"
+        )
 
 
 def check_patch_fits(layer: nn.Module, patch: Patch, where: str) -> None:
@@ -154,13 +173,16 @@ def check_patch_fits(layer: nn.Module, patch: Patch, where: str) -> None:
     except (RuntimeError, ShapeError) as err:
         raise ShapeError(f"adapter for {where}: {err}; the layer's weight is {tuple(weight.shape)}") from None
     if tuple(effect.shape) != tuple(weight.shape):
-        raise ShapeError(f"adapter for {where}: delta {tuple(effect.shape)} does not fit the weight "
-                         f"{tuple(weight.shape)}")
+        raise ShapeError(
+            f"adapter for {where}: delta {tuple(effect.shape)} does not fit the weight {tuple(weight.shape)}"
+        )
     db = meta.bias_effect()
     bias = getattr(layer, "bias", None)
     if db is not None and (bias is None or db.numel() != bias.numel()):
-        raise ShapeError(f"adapter for {where}: a bias difference of {db.numel()} values for a layer with "
-                         f"{'no bias' if bias is None else f'{bias.numel()} bias values'}")
+        raise ShapeError(
+            f"adapter for {where}: a bias difference of {db.numel()} values for a layer with "
+            f"{'no bias' if bias is None else f'{bias.numel()} bias values'}"
+        )
 
 
 def adapter_for(state: AdapterState, patch: Patch) -> Adapter:
@@ -178,8 +200,9 @@ def fresh_lora(state: AdapterState, layer: nn.Module, config: LoraConfig) -> Ada
     if isinstance(layer, nn.Conv2d) and layer.groups != 1:
         return None
     rank, alpha = rank_alpha
-    return LoraAdapter.fresh(state, layer, rank, alpha, dropout=config.dropout, use_rslora=config.use_rslora,
-                             tucker=config.conv_tucker)
+    return LoraAdapter.fresh(
+        state, layer, rank, alpha, dropout=config.dropout, use_rslora=config.use_rslora, tucker=config.conv_tucker
+    )
 
 
 def patches_to_layers(model: nn.Module, patches: Mapping[str, Patch], strict: bool) -> tuple[dict, list[str]]:
@@ -198,6 +221,8 @@ def patches_to_layers(model: nn.Module, patches: Mapping[str, Patch], strict: bo
             paired[target] = module
     if unmatched and strict:
         shown = ", ".join(unmatched[:8]) + (f" and {len(unmatched) - 8} more" if len(unmatched) > 8 else "")
-        raise TargetError(f"{len(unmatched)} of {len(patches)} adapter targets are not modules of "
-                          f"{type(model).__name__}: {shown}; pass strict=False to apply the rest")
+        raise TargetError(
+            f"{len(unmatched)} of {len(patches)} adapter targets are not modules of "
+            f"{type(model).__name__}: {shown}; pass strict=False to apply the rest"
+        )
     return paired, unmatched

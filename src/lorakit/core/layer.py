@@ -171,8 +171,9 @@ class AdaptedLayer(nn.Module):
         if bias is not None:
             if getattr(self.base_layer, "bias", None) is None:
                 # attach refuses this (check_patch_fits); reaching it means a patch was swapped in afterwards
-                raise ShapeError(f"a bias difference cannot be fused into {type(self.base_layer).__name__} "
-                                 f"without a bias")
+                raise ShapeError(
+                    f"a bias difference cannot be fused into {type(self.base_layer).__name__} without a bias"
+                )
             self.base_layer.bias.data.copy_(bias)
 
     @torch.no_grad()

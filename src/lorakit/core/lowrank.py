@@ -64,8 +64,15 @@ def concat_factors(parts: Sequence[tuple[Tensor, Tensor, float]]) -> tuple[Tenso
     return torch.cat(ups, dim=1), torch.cat(downs, dim=0)
 
 
-def pick_rank(s: Tensor, *, rank: int | None = None, fro: float | None = None, ratio: float | None = None,
-              cumulative: float | None = None, max_rank: int | None = None) -> int:
+def pick_rank(
+    s: Tensor,
+    *,
+    rank: int | None = None,
+    fro: float | None = None,
+    ratio: float | None = None,
+    cumulative: float | None = None,
+    max_rank: int | None = None,
+) -> int:
     """Choose how many singular values to keep; never more than exist, never fewer than 1.
 
     Args:

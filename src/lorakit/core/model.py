@@ -107,8 +107,9 @@ class AdapterHandle:
                     layer.refuse()
 
 
-def attach_lora(model: nn.Module, config: LoraConfig, name: str = "default", *, weight: float = 1.0,
-                replace: bool = False) -> AdapterHandle:
+def attach_lora(
+    model: nn.Module, config: LoraConfig, name: str = "default", *, weight: float = 1.0, replace: bool = False
+) -> AdapterHandle:
     """Add a new trainable LoRA to every matching Linear/Conv2d; freeze everything else.
 
     Only adapter parameters require grad afterwards. Returns the handle, whose ``modules`` lists what was targeted.
@@ -133,8 +134,15 @@ def attach_lora(model: nn.Module, config: LoraConfig, name: str = "default", *, 
     return AdapterHandle(model, name, targeted)
 
 
-def attach_patches(model: nn.Module, patches: Mapping[str, Patch], name: str = "default", *, weight: float = 1.0,
-                   strict: bool = True, replace: bool = False) -> AdapterHandle:
+def attach_patches(
+    model: nn.Module,
+    patches: Mapping[str, Patch],
+    name: str = "default",
+    *,
+    weight: float = 1.0,
+    strict: bool = True,
+    replace: bool = False,
+) -> AdapterHandle:
     """Attach frozen patches (from a file, a merge...) keyed by module name.
 
     Every patch is checked against its layer's shapes before anything is changed. With ``strict`` (the default) a
@@ -186,8 +194,9 @@ def fuse(model: nn.Module, names: Sequence[str] | None = None) -> None:
     """
     unknown = [n for n in names or () if n not in registry(model)]
     if unknown:
-        raise AdapterError(f"cannot fuse {unknown}: no such adapter on this model (attached: "
-                           f"{sorted(registry(model)) or 'none'})")
+        raise AdapterError(
+            f"cannot fuse {unknown}: no such adapter on this model (attached: {sorted(registry(model)) or 'none'})"
+        )
     for _, layer in adapted_layers(model):
         layer.fuse(None if names is None else list(names))
 
@@ -260,6 +269,4 @@ def load_adapter_state_dict(model: nn.Module, name: str, state_dict: Mapping[str
 
 def check_lora_fits_param(param: Tensor, value: Tensor, key: str) -> None:
     if tuple(param.shape) != tuple(value.shape):
-        raise AdapterError(f"{key}: saved shape {tuple(value.shape)} does not match the adapter's "
-                           f"{tuple(param.shape)}")
-
+        raise AdapterError(f"{key}: saved shape {tuple(value.shape)} does not match the adapter's {tuple(param.shape)}")

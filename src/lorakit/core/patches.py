@@ -49,8 +49,10 @@ def _fit(delta: Tensor, shape: torch.Size | None, what: str) -> Tensor:
     if shape is None or tuple(delta.shape) == tuple(shape):
         return delta
     if delta.numel() != math.prod(shape) or delta.shape[0] != shape[0]:
-        raise ShapeError(f"{what} gives a delta of shape {tuple(delta.shape)}, which cannot fit a weight of shape "
-                         f"{tuple(shape)}; the adapter was made for another layer or model")
+        raise ShapeError(
+            f"{what} gives a delta of shape {tuple(delta.shape)}, which cannot fit a weight of shape "
+            f"{tuple(shape)}; the adapter was made for another layer or model"
+        )
     return delta.reshape(shape)
 
 
@@ -81,8 +83,10 @@ class DoraMagnitude:
             return DoraMagnitude(magnitude, "out")
         if len(shape) >= 2 and shape[0] == 1 and shape[1] == inp and math.prod(shape[2:]) == 1:
             return DoraMagnitude(magnitude, "in")
-        raise ShapeError(f"DoRA magnitude of shape {shape} fits neither the rows ({out}) nor the columns ({inp}) of a "
-                         f"weight of shape {tuple(weight_shape)}")
+        raise ShapeError(
+            f"DoRA magnitude of shape {shape} fits neither the rows ({out}) nor the columns ({inp}) of a "
+            f"weight of shape {tuple(weight_shape)}"
+        )
 
     def rescale(self, merged: Tensor) -> Tensor:
         """Return ``m * merged / (norm(merged) + eps)`` in fp32, the norm along this magnitude's axis.
@@ -118,8 +122,10 @@ class Patch:
     def delta(self, shape: torch.Size | None = None) -> Tensor:
         """The additive delta ``dW`` in fp32, scale included, reshaped to ``shape`` when given."""
         # only (IA)^3 lacks one, and it overrides effect(); callers check `additive` before asking
-        raise ShapeError(f"{type(self).__name__} has no weight-independent delta: its effect depends on the base "
-                         f"weight; apply it to a model or bake it into a checkpoint")
+        raise ShapeError(
+            f"{type(self).__name__} has no weight-independent delta: its effect depends on the base "
+            f"weight; apply it to a model or bake it into a checkpoint"
+        )
 
     @property
     def additive(self) -> bool:
@@ -140,11 +146,15 @@ class Patch:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Patch:
         """A copy with every tensor moved or cast (``"meta"`` gives shapes without memory)."""
-        changes = {f.name: getattr(self, f.name).to(device=device, dtype=dtype) for f in dataclasses.fields(self)
-                   if isinstance(getattr(self, f.name), Tensor)}
+        changes = {
+            f.name: getattr(self, f.name).to(device=device, dtype=dtype)
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), Tensor)
+        }
         if self.dora is not None:
-            changes["dora"] = dataclasses.replace(self.dora, magnitude=self.dora.magnitude.to(device=device,
-                                                                                             dtype=dtype))
+            changes["dora"] = dataclasses.replace(
+                self.dora, magnitude=self.dora.magnitude.to(device=device, dtype=dtype)
+            )
         return dataclasses.replace(self, **changes)
 
     def tensors(self) -> dict[str, Tensor]:
@@ -298,8 +308,9 @@ class Ia3Patch(Patch):
         v = self.weight.to(torch.float32).flatten()
         axis = 1 if self.on_input else 0
         if v.numel() != w.shape[axis]:
-            raise ShapeError(f"(IA)^3 vector of {v.numel()} values does not fit axis {axis} of a weight of shape "
-                             f"{tuple(w.shape)}")
+            raise ShapeError(
+                f"(IA)^3 vector of {v.numel()} values does not fit axis {axis} of a weight of shape {tuple(w.shape)}"
+            )
         view = [1] * w.dim()
         view[axis] = -1
         return w * v.reshape(view)

@@ -65,10 +65,16 @@ _STALE = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256", METADA
 ModulesArg = Mapping[str, ModuleShapes | nn.Module] | None
 
 _MODELSPEC_ARCH = {
-    "sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base",
-    "flux": "flux-1-dev", "flux-dev": "flux-1-dev", "flux-schnell": "flux-1-schnell",
-    "sd3": "stable-diffusion-3-medium", "sd3-medium": "stable-diffusion-3-medium",
-    "sd3.5-medium": "stable-diffusion-3.5-medium", "sd3.5-large": "stable-diffusion-3.5-large",
+    "sd1": "stable-diffusion-v1",
+    "sd2": "stable-diffusion-v2-768-v",
+    "sdxl": "stable-diffusion-xl-v1-base",
+    "flux": "flux-1-dev",
+    "flux-dev": "flux-1-dev",
+    "flux-schnell": "flux-1-schnell",
+    "sd3": "stable-diffusion-3-medium",
+    "sd3-medium": "stable-diffusion-3-medium",
+    "sd3.5-medium": "stable-diffusion-3.5-medium",
+    "sd3.5-large": "stable-diffusion-3.5-large",
 }
 """modelspec ``architecture`` values (Stability's model spec), written with ``/lora`` so readers know the base model."""
 
@@ -79,8 +85,11 @@ def module_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     Args:
         model: a concrete model (a diffusers UNet, a transformers text encoder...).
     """
-    return {name: tuple(module.weight.shape) for name, module in model.named_modules()
-            if name and isinstance(getattr(module, "weight", None), Tensor)}
+    return {
+        name: tuple(module.weight.shape)
+        for name, module in model.named_modules()
+        if name and isinstance(getattr(module, "weight", None), Tensor)
+    }
 
 
 def _tables(modules: ModulesArg) -> dict[str, ModuleShapes]:
@@ -121,21 +130,26 @@ def _unplaced_error(where: str, unplaced: dict[str, str], total: int) -> FileFor
     keys = sorted(unplaced)
     unknown = [k for k in keys if unplaced[k] == "unknown dialect"]
     if len(unknown) == len(keys):
-        return FileFormatError(f"{where}: {len(keys)} of {total} keys are in no LoRA dialect lorakit reads: "
-                               f"{_sample(keys)}; check that this is a LoRA file (not a checkpoint or an embedding), "
-                               f"or pass skip_unknown=True to skip them")
+        return FileFormatError(
+            f"{where}: {len(keys)} of {total} keys are in no LoRA dialect lorakit reads: "
+            f"{_sample(keys)}; check that this is a LoRA file (not a checkpoint or an embedding), "
+            f"or pass skip_unknown=True to skip them"
+        )
     reasons = Counter(unplaced.values()).most_common(2)
     why = "; ".join(f"{n} x {reason}" for reason, n in reasons)
     if any(marker in reason for reason, _ in reasons for marker in _PLACEMENT):
         fix = "pass arch= or modules= for the base model the LoRA was made for"
     else:
         fix = "the file is damaged or holds an adapter kind lorakit cannot read; export it again"
-    return FileFormatError(f"{where}: {len(keys)} of {total} keys cannot be placed ({why}): {_sample(keys)}; {fix}, "
-                           f"or pass skip_unknown=True to skip them")
+    return FileFormatError(
+        f"{where}: {len(keys)} of {total} keys cannot be placed ({why}): {_sample(keys)}; {fix}, "
+        f"or pass skip_unknown=True to skip them"
+    )
 
 
-def _read_tensors(tensors: Mapping[str, Tensor], metadata: Mapping[str, str], info: ModelInfo,
-                  where: str) -> tuple[dict[Target, Patch], dict[str, str], list[str]]:
+def _read_tensors(
+    tensors: Mapping[str, Tensor], metadata: Mapping[str, str], info: ModelInfo, where: str
+) -> tuple[dict[Target, Patch], dict[str, str], list[str]]:
     """Route every key to the first dialect that claims it and read each dialect's share."""
     shares: dict[str, dict[str, Tensor]] = {}
     unplaced: dict[str, str] = {}
@@ -153,8 +167,10 @@ def _read_tensors(tensors: Mapping[str, Tensor], metadata: Mapping[str, str], in
         unplaced.update(outcome.unplaced)
         for target, patch in outcome.patches.items():
             if target in patches:
-                raise FileFormatError(f"{where}: two adapters for {target} (the file spells one module twice, e.g. in "
-                                      f"two dialects); keep one")
+                raise FileFormatError(
+                    f"{where}: two adapters for {target} (the file spells one module twice, e.g. in "
+                    f"two dialects); keep one"
+                )
             patches[target] = patch
     dialects = sorted(shares, key=lambda n: -len(shares[n]))
     return patches, unplaced, dialects
@@ -172,8 +188,14 @@ def _dialect_label(dialects: list[str], tensors: Mapping[str, Tensor]) -> str:
     return "+".join(dialects)
 
 
-def load_lora(source: str | os.PathLike[str] | Mapping[str, Tensor], *, metadata: Mapping[str, str] | None = None,
-              modules: ModulesArg = None, arch: str | None = None, skip_unknown: bool = False) -> LoraFile:
+def load_lora(
+    source: str | os.PathLike[str] | Mapping[str, Tensor],
+    *,
+    metadata: Mapping[str, str] | None = None,
+    modules: ModulesArg = None,
+    arch: str | None = None,
+    skip_unknown: bool = False,
+) -> LoraFile:
     """Read a LoRA in any dialect into canonical form.
 
     Args:
@@ -212,19 +234,32 @@ def load_lora(source: str | os.PathLike[str] | Mapping[str, Tensor], *, metadata
     patches, unplaced, dialects = _read_tensors(tensors, meta, info, where)
     if unplaced and not skip_unknown:
         raise _unplaced_error(where, unplaced, len(tensors))
-    return LoraFile(patches=_sorted(patches), metadata=meta, dialect=_dialect_label(dialects, tensors), arch=family,
-                    arch_reason=reason, skipped=sorted(unplaced))
+    return LoraFile(
+        patches=_sorted(patches),
+        metadata=meta,
+        dialect=_dialect_label(dialects, tensors),
+        arch=family,
+        arch_reason=reason,
+        skipped=sorted(unplaced),
+    )
 
 
-def _load_peft_folder(folder: Path, meta: dict[str, str], tables: dict[str, ModuleShapes], arch: str | None,
-                      skip_unknown: bool) -> LoraFile:
+def _load_peft_folder(
+    folder: Path, meta: dict[str, str], tables: dict[str, ModuleShapes], arch: str | None, skip_unknown: bool
+) -> LoraFile:
     family, reason = (family_of(arch), "given by the caller") if arch else (None, "unknown: a PEFT folder")
     info = ModelInfo(tables, family, arch)
     outcome, config_meta = read_peft_folder(folder, info)
     if outcome.unplaced and not skip_unknown:
         raise _unplaced_error(str(folder), outcome.unplaced, len(outcome.unplaced) + len(outcome.patches))
-    return LoraFile(patches=_sorted(outcome.patches), metadata={**config_meta, **meta}, dialect="peft", arch=family,
-                    arch_reason=reason, skipped=sorted(outcome.unplaced))
+    return LoraFile(
+        patches=_sorted(outcome.patches),
+        metadata={**config_meta, **meta},
+        dialect="peft",
+        arch=family,
+        arch_reason=reason,
+        skipped=sorted(outcome.unplaced),
+    )
 
 
 def _model_info(lora: LoraFile, arch: str | None, modules: ModulesArg) -> ModelInfo:
@@ -236,12 +271,20 @@ def _cast(tensors: dict[str, Tensor], dtype: torch.dtype | None) -> dict[str, Te
     """Cast float tensors to ``dtype``; alphas stay as written (their exact value is the strength)."""
     if dtype is None:
         return {k: v.contiguous() for k, v in tensors.items()}
-    return {k: (v if k.endswith(".alpha") or not v.is_floating_point() else v.to(dtype)).contiguous()
-            for k, v in tensors.items()}
+    return {
+        k: (v if k.endswith(".alpha") or not v.is_floating_point() else v.to(dtype)).contiguous()
+        for k, v in tensors.items()
+    }
 
 
-def to_state_dict(lora: LoraFile, dialect: str = "kohya", *, arch: str | None = None, modules: ModulesArg = None,
-                  dtype: torch.dtype | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
+def to_state_dict(
+    lora: LoraFile,
+    dialect: str = "kohya",
+    *,
+    arch: str | None = None,
+    modules: ModulesArg = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[dict[str, Tensor], dict[str, str]]:
     """The tensors and header metadata of ``lora`` in one dialect.
 
     Args:
@@ -285,16 +328,25 @@ def to_state_dict(lora: LoraFile, dialect: str = "kohya", *, arch: str | None = 
 def _peft_state(lora: LoraFile, info: ModelInfo) -> tuple[dict[str, Tensor], dict[str, Any]]:
     components = lora.components()
     if len(components) != 1:
-        raise LorakitError(f"a PEFT state dict holds one model's adapter, this LoRA has {components}; save a PEFT "
-                           f"folder (save_lora(..., dialect='peft')), which gets one subfolder per component")
+        raise LorakitError(
+            f"a PEFT state dict holds one model's adapter, this LoRA has {components}; save a PEFT "
+            f"folder (save_lora(..., dialect='peft')), which gets one subfolder per component"
+        )
     patches = plain_patches(lora, components[0])
     tensors = {f"{PEFT_PREFIX}{m}.{s}": t for m, p in patches.items() for s, t in peft_lora_tensors(p).items()}
     table = info.table(components[0])
     return tensors, config_for(patches, list(table) if table is not None else None)
 
 
-def save_lora(lora: LoraFile, path: str | os.PathLike[str], *, dialect: str = "kohya", arch: str | None = None,
-              dtype: torch.dtype | None = None, modules: ModulesArg = None) -> Path:
+def save_lora(
+    lora: LoraFile,
+    path: str | os.PathLike[str],
+    *,
+    dialect: str = "kohya",
+    arch: str | None = None,
+    dtype: torch.dtype | None = None,
+    modules: ModulesArg = None,
+) -> Path:
     """Write ``lora`` in one dialect, atomically.
 
     Args:

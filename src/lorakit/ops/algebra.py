@@ -83,6 +83,8 @@ def delta_shape(patch: Patch) -> torch.Size:
 def require_additive(patch: Patch, target: str, what: str) -> None:
     """Refuse kinds whose effect depends on the base weight (DoRA, (IA)^3) where no base weight is at hand."""
     if not patch.additive:
-        raise LorakitError(f"{target}: a {type(patch).__name__}{' with DoRA' if patch.dora is not None else ''} "
-                           f"depends on the base weight, so it cannot be {what} without the model; bake it into "
-                           f"the checkpoint instead (lorakit bake)")
+        raise LorakitError(
+            f"{target}: a {type(patch).__name__}{' with DoRA' if patch.dora is not None else ''} "
+            f"depends on the base weight, so it cannot be {what} without the model; bake it into "
+            f"the checkpoint instead (lorakit bake)"
+        )

@@ -34,8 +34,14 @@ def _is_conv(shape: torch.Size) -> bool:
     return len(shape) > 2 and math.prod(shape[2:]) > 1
 
 
-def _merge_target(target: Target, parts: list[tuple[Patch, float]], method: str, rank: int | None,
-                  conv_rank: int | None, dtype: torch.dtype) -> tuple[Patch, ModuleReport]:
+def _merge_target(
+    target: Target,
+    parts: list[tuple[Patch, float]],
+    method: str,
+    rank: int | None,
+    conv_rank: int | None,
+    dtype: torch.dtype,
+) -> tuple[Patch, ModuleReport]:
     name = str(target)
     for patch, _ in parts:
         require_additive(patch, name, "merged")
@@ -55,21 +61,27 @@ def _merge_target(target: Target, parts: list[tuple[Patch, float]], method: str,
         return FullPatch(diff=delta.to(dtype)), ModuleReport(name, rank_in, None, 0.0, "dense")
     new_up, new_down, err = truncate(dense_svd(delta), want)
     kernel_like = delta if delta.dim() > 2 else delta.flatten(1)
-    return lora_from_factors(new_up, new_down, kernel_like, dtype), ModuleReport(name, rank_in, want, err,
-                                                                                 "svd-dense")
+    return lora_from_factors(new_up, new_down, kernel_like, dtype), ModuleReport(name, rank_in, want, err, "svd-dense")
 
 
 def _common_shape(name: str, parts: list[tuple[Patch, float]]) -> torch.Size:
     shapes = {tuple(delta_shape(p)) for p, _ in parts}
     if len({math.prod(s) for s in shapes}) != 1:
-        raise LorakitError(f"{name}: the LoRAs disagree on the layer's shape ({sorted(shapes)}); they were made for "
-                           f"different models")
+        raise LorakitError(
+            f"{name}: the LoRAs disagree on the layer's shape ({sorted(shapes)}); they were made for different models"
+        )
     return torch.Size(max(shapes, key=len))
 
 
-def merge_loras(inputs: Sequence[tuple[LoraFile, float]], *, method: str = "concat", rank: int | None = None,
-                conv_rank: int | None = None, dtype: torch.dtype | None = None,
-                multipliers: Callable[[Target], float] | None = None) -> LoraResult:
+def merge_loras(
+    inputs: Sequence[tuple[LoraFile, float]],
+    *,
+    method: str = "concat",
+    rank: int | None = None,
+    conv_rank: int | None = None,
+    dtype: torch.dtype | None = None,
+    multipliers: Callable[[Target], float] | None = None,
+) -> LoraResult:
     """Merge LoRAs at weights into one LoRA.
 
     Args:
@@ -93,8 +105,10 @@ def merge_loras(inputs: Sequence[tuple[LoraFile, float]], *, method: str = "conc
         raise LorakitError("nothing to merge: give at least one LoRA")
     archs = {lora.arch for lora, _ in inputs if lora.arch}
     if len(archs) > 1:
-        raise LorakitError(f"the LoRAs are for different architectures ({', '.join(sorted(archs))}); merge only LoRAs "
-                           f"of one base model")
+        raise LorakitError(
+            f"the LoRAs are for different architectures ({', '.join(sorted(archs))}); merge only LoRAs "
+            f"of one base model"
+        )
     out_dtype = dtype or _first_dtype(inputs)
     grouped: dict[Target, list[tuple[Patch, float]]] = {}
     for lora, weight in inputs:

@@ -15,9 +15,17 @@ from lorakit.ops.algebra import LoraResult, ModuleReport, lora_from_factors, pla
 __all__ = ["resize_lora"]
 
 
-def resize_lora(lora: LoraFile, *, rank: int | None = None, fro: float | None = None, ratio: float | None = None,
-                cumulative: float | None = None, max_rank: int | None = None, conv_rank: int | None = None,
-                dtype: torch.dtype | None = None) -> LoraResult:
+def resize_lora(
+    lora: LoraFile,
+    *,
+    rank: int | None = None,
+    fro: float | None = None,
+    ratio: float | None = None,
+    cumulative: float | None = None,
+    max_rank: int | None = None,
+    conv_rank: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> LoraResult:
     """Truncate every plain LoRA patch to a smaller rank; other kinds are kept as they are.
 
     Args:

@@ -42,8 +42,9 @@ def original_family(component: str, table: ModuleShapes) -> str | None:
 def _mapper(family: str) -> Callable[[str, ModuleShapes], Any]:
     from lorakit.arch import names_dit, names_unet
 
-    return {"ldm": names_unet.unet_to_original, "bfl": names_dit.flux_to_original,
-            "sd3": names_dit.sd3_to_original}[family]
+    return {"ldm": names_unet.unet_to_original, "bfl": names_dit.flux_to_original, "sd3": names_dit.sd3_to_original}[
+        family
+    ]
 
 
 def foreign_names(component: str, table: ModuleShapes) -> ForeignMap | None:

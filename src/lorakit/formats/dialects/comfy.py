@@ -42,8 +42,8 @@ def read_comfy(tensors: Mapping[str, Tensor], info: ModelInfo) -> ReadOutcome:
 
     def locate(module_key: str) -> tuple[str, str] | None:
         if module_key.startswith(DIFFUSION_PREFIX):
-            return info.denoiser(), module_key[len(DIFFUSION_PREFIX):]
-        slot, _, rest = module_key[len(TEXT_PREFIX):].partition(".")
+            return info.denoiser(), module_key[len(DIFFUSION_PREFIX) :]
+        slot, _, rest = module_key[len(TEXT_PREFIX) :].partition(".")
         rest = rest.removeprefix("transformer.")
         component = slots.get(slot)
         return None if component is None else (component, rest)

@@ -26,8 +26,12 @@ FLUX trainers use with diffusers' (split) module names."""
 # kohya's text-encoder prefix -> diffusers component. Only FLUX differs: its T5 is kohya's te3 (beside CLIP-L as te1)
 # but diffusers' text_encoder_2. Reading accepts every prefix whatever the architecture, so a wrong guess of it
 # cannot drop an encoder.
-_TE_READ = {"lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
-            "lora_te3_": "text_encoder_3"}
+_TE_READ = {
+    "lora_te_": "text_encoder",
+    "lora_te1_": "text_encoder",
+    "lora_te2_": "text_encoder_2",
+    "lora_te3_": "text_encoder_3",
+}
 _TE_READ_FLUX = {**_TE_READ, "lora_te3_": "text_encoder_2"}
 _TE_WRITE = {
     None: {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_", "text_encoder_3": "lora_te3_"},

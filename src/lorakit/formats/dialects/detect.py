@@ -34,8 +34,9 @@ def family_of(arch: str) -> str:
         raise LorakitError(str(exc).strip("'\"")) from None
 
 
-def detect_arch(tensors: Mapping[str, Tensor], metadata: Mapping[str, str],
-                arch: str | None = None) -> tuple[str | None, str | None, str]:
+def detect_arch(
+    tensors: Mapping[str, Tensor], metadata: Mapping[str, str], arch: str | None = None
+) -> tuple[str | None, str | None, str]:
     """The architecture family of a LoRA, the released variant when known, and why.
 
     Args:

@@ -38,8 +38,14 @@ __all__ = ["METADATA_KEY", "claims_diffusers", "normalize_old_key", "read_diffus
 
 METADATA_KEY = "lora_adapter_metadata"
 
-_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector.weight", "lora_magnitude_vector", "alpha",
-             "lora_B.bias")
+_SUFFIXES = (
+    "lora_A.weight",
+    "lora_B.weight",
+    "lora_magnitude_vector.weight",
+    "lora_magnitude_vector",
+    "alpha",
+    "lora_B.bias",
+)
 _OLD_MARKERS = ("_lora.down.", "_lora.up.", ".lora_linear_layer.", ".lora.down.", ".lora.up.", ".processor.")
 
 # Old attention-processor names -> module names. Text encoders name q/k/v/out q_proj... where the UNet has to_q...
@@ -56,8 +62,12 @@ def claims_diffusers(key: str) -> bool:
         return False
     if any(key.startswith(c + ".") for c in COMPONENTS):
         return True
-    return ".lora_A." in key or ".lora_B." in key or key.endswith(".lora_magnitude_vector") or any(
-        m in key for m in _OLD_MARKERS)
+    return (
+        ".lora_A." in key
+        or ".lora_B." in key
+        or key.endswith(".lora_magnitude_vector")
+        or any(m in key for m in _OLD_MARKERS)
+    )
 
 
 def normalize_old_key(key: str) -> str:
@@ -79,7 +89,7 @@ def normalize_old_key(key: str) -> str:
 def _split(key: str, prefixed: bool) -> tuple[str | None, str, str] | None:
     """(component or None, module, suffix) of a normalised key."""
     component = next((c for c in COMPONENTS if key.startswith(c + ".")), None) if prefixed else None
-    rest = key[len(component) + 1:] if component else key
+    rest = key[len(component) + 1 :] if component else key
     for suffix in _SUFFIXES:
         if rest.endswith("." + suffix):
             return component, rest[: -len(suffix) - 1], suffix
@@ -93,8 +103,17 @@ def guess_component(module: str, info: ModelInfo) -> str:
         return found[0]
     if module.startswith((CLIP_PREFIX, "encoder.", "embeddings.", "final_layer_norm")):
         return "text_encoder"
-    if module.startswith(("transformer_blocks.", "single_transformer_blocks.", "double_blocks.", "single_blocks.",
-                          "joint_blocks.", "x_embedder", "context_embedder")):
+    if module.startswith(
+        (
+            "transformer_blocks.",
+            "single_transformer_blocks.",
+            "double_blocks.",
+            "single_blocks.",
+            "joint_blocks.",
+            "x_embedder",
+            "context_embedder",
+        )
+    ):
         return "transformer"
     return info.denoiser()
 
@@ -117,12 +136,18 @@ def component_configs(metadata: Mapping[str, str]) -> dict[str | None, dict[str,
     out: dict[str | None, dict[str, Any]] = {}
     for key, value in fields.items():
         component = next((c for c in COMPONENTS if key.startswith(c + ".")), None)
-        out.setdefault(component, {})[key[len(component) + 1:] if component else key] = value
+        out.setdefault(component, {})[key[len(component) + 1 :] if component else key] = value
     return out
 
 
-def read_diffusers(tensors: Mapping[str, Tensor], info: ModelInfo, configs: Mapping[str | None, Mapping[str, Any]],
-                   *, default_component: str | None = None, prefixed: bool = True) -> ReadOutcome:
+def read_diffusers(
+    tensors: Mapping[str, Tensor],
+    info: ModelInfo,
+    configs: Mapping[str | None, Mapping[str, Any]],
+    *,
+    default_component: str | None = None,
+    prefixed: bool = True,
+) -> ReadOutcome:
     """Read diffusers / PEFT keys.
 
     Args:
@@ -163,8 +188,9 @@ def read_diffusers(tensors: Mapping[str, Tensor], info: ModelInfo, configs: Mapp
     return outcome
 
 
-def _patch(parts: dict[str, tuple[str, Tensor]], module: str, component: str,
-           configs: Mapping[str | None, Mapping[str, Any]]) -> LoraPatch:
+def _patch(
+    parts: dict[str, tuple[str, Tensor]], module: str, component: str, configs: Mapping[str | None, Mapping[str, Any]]
+) -> LoraPatch:
     down, up = parts["lora_A.weight"][1], parts["lora_B.weight"][1]
     rank = int(down.shape[0])
     if "alpha" in parts:
@@ -196,8 +222,10 @@ def plain_patches(lora: LoraFile, component: str) -> dict[str, LoraPatch]:
     with_dora = sum(p.dora is not None for p in out.values())
     if 0 < with_dora < len(out):
         # PEFT's use_dora is one switch per adapter: a module without a magnitude would get one.
-        raise AdapterError(f"{component}: {with_dora} of {len(out)} modules use DoRA, but PEFT (and diffusers) "
-                           f"apply DoRA to every module of an adapter or none; write the kohya dialect instead")
+        raise AdapterError(
+            f"{component}: {with_dora} of {len(out)} modules use DoRA, but PEFT (and diffusers) "
+            f"apply DoRA to every module of an adapter or none; write the kohya dialect instead"
+        )
     return out
 
 
@@ -220,4 +248,3 @@ def write_diffusers(lora: LoraFile, info: ModelInfo) -> tuple[dict[str, Tensor],
         config.update({f"{component}.{k}": v for k, v in fields.items()})
     metadata = {"format": "pt", METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}
     return tensors, metadata
-

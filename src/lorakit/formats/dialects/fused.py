@@ -49,8 +49,9 @@ def take_rows(patch: Patch, index: Tensor) -> Patch | None:
         if patch.t1 is None and patch.t2 is None:
             return dataclasses.replace(patch, w1a=_rows(patch.w1a, index), w2a=_rows(patch.w2a, index), dora=dora)
         if patch.t1 is not None and patch.t2 is not None:
-            return dataclasses.replace(patch, w1a=patch.w1a.index_select(1, index),
-                                       w2a=patch.w2a.index_select(1, index), dora=dora)
+            return dataclasses.replace(
+                patch, w1a=patch.w1a.index_select(1, index), w2a=patch.w2a.index_select(1, index), dora=dora
+            )
         return None
     if isinstance(patch, FullPatch):
         diff_b = None if patch.diff_b is None else _rows(patch.diff_b, index)
@@ -120,8 +121,9 @@ def _fuse_shared_lora(present: Sequence[LoraPatch], dora: DoraMagnitude | None) 
     return LoraPatch(up=torch.cat([p.up for p in present]), down=present[0].down, alpha=present[0].alpha, dora=dora)
 
 
-def _fuse_block_lora(items: Sequence[tuple[Part, LoraPatch | None]], total: int,
-                     dora: DoraMagnitude | None) -> LoraPatch:
+def _fuse_block_lora(
+    items: Sequence[tuple[Part, LoraPatch | None]], total: int, dora: DoraMagnitude | None
+) -> LoraPatch:
     present = [p for _, p in items if p is not None]
     like = present[0]
     if len({p.down.shape[1:] for p in present}) != 1 or any(p.mid is not None for p in present):
@@ -136,7 +138,7 @@ def _fuse_block_lora(items: Sequence[tuple[Part, LoraPatch | None]], total: int,
         if patch is None:
             continue
         block = patch.up.to(torch.float32) * patch.scale if fold else patch.up
-        up[part.rows[0]:part.rows[1], col:col + patch.rank] = block.to(up.dtype)
+        up[part.rows[0] : part.rows[1], col : col + patch.rank] = block.to(up.dtype)
         col += patch.rank
     down = torch.cat([p.down.to(like.down.dtype) for p in present])
     alpha = float(rank) if fold else rank * scales[0]
@@ -146,8 +148,10 @@ def _fuse_block_lora(items: Sequence[tuple[Part, LoraPatch | None]], total: int,
 def _fuse_dense(items: Sequence[tuple[Part, Patch | None]], total: int, dora: DoraMagnitude | None) -> FullPatch:
     present = [p for _, p in items if p is not None]
     if any(not dataclasses.replace(p, dora=None).additive for p in present):
-        raise AdapterError("(IA)^3 patches on the parts of a fused weight cannot be fused without the base weight; "
-                           "write a dialect with split names (diffusers) instead")
+        raise AdapterError(
+            "(IA)^3 patches on the parts of a fused weight cannot be fused without the base weight; "
+            "write a dialect with split names (diffusers) instead"
+        )
     tail = delta_shape(dataclasses.replace(present[0], dora=None))[1:]
     dtype = next(t for t in present[0].tensors().values() if t.is_floating_point()).dtype
     diff = torch.zeros(total, *tail, dtype=torch.float32)
@@ -181,14 +185,22 @@ def fuse_patches(items: Sequence[tuple[Part, Patch | None]]) -> Patch:
     complete = len(present) == len(items)
     possible, dora = _fused_dora(present, complete)
     if not possible:
-        raise AdapterError("DoRA magnitudes on the parts of a fused weight stack only when every part has one per "
-                           "output row; write a dialect with split names (diffusers) instead")
+        raise AdapterError(
+            "DoRA magnitudes on the parts of a fused weight stack only when every part has one per "
+            "output row; write a dialect with split names (diffusers) instead"
+        )
     if all(isinstance(p, LoraPatch) for p in present):
         shared = _fuse_shared_lora(present, dora) if complete else None
         return shared or _fuse_block_lora(items, total, dora)
     if complete and all(isinstance(p, LohaPatch) and p.t1 is None and p.t2 is None for p in present):
         if _same([p.w1b for p in present]) and _same([p.w2b for p in present]) and len({p.alpha for p in present}) == 1:
             first = present[0]
-            return LohaPatch(w1a=torch.cat([p.w1a for p in present]), w1b=first.w1b,
-                             w2a=torch.cat([p.w2a for p in present]), w2b=first.w2b, alpha=first.alpha, dora=dora)
+            return LohaPatch(
+                w1a=torch.cat([p.w1a for p in present]),
+                w1b=first.w1b,
+                w2a=torch.cat([p.w2a for p in present]),
+                w2b=first.w2b,
+                alpha=first.alpha,
+                dora=dora,
+            )
     return _fuse_dense(items, total, dora)

@@ -60,12 +60,15 @@ def _check_fit(component: str, parts: tuple[Part, ...], patch: Patch, table: Mod
         size, need = (int(shape[0]), math.prod(shape)), (rows, rows * math.prod(tail))
     if size != need:
         names = "+".join(p.module for p in parts)
-        raise MisfitError(f"a {type(patch).__name__} of size {size} does not fit {component}.{names} "
-                          f"({need} expected): the LoRA was made for another model; pass arch= or modules= for it")
+        raise MisfitError(
+            f"a {type(patch).__name__} of size {size} does not fit {component}.{names} "
+            f"({need} expected): the LoRA was made for another model; pass arch= or modules= for it"
+        )
 
 
-def place_patch(component: str, parts: tuple[Part, ...], patch: Patch,
-                table: ModuleShapes | None = None) -> dict[Target, Patch]:
+def place_patch(
+    component: str, parts: tuple[Part, ...], patch: Patch, table: ModuleShapes | None = None
+) -> dict[Target, Patch]:
     """Targets for a patch on a spelled weight: one module, a fused weight split into its parts, or row slices.
 
     Args:
@@ -84,8 +87,10 @@ def place_patch(component: str, parts: tuple[Part, ...], patch: Patch,
         if part.transform == SWAP_HALVES:
             swapped = swap_halves(patch)
             if swapped is None:
-                raise FileFormatError(f"{component}.{part.module}: a {type(patch).__name__} on a weight stored with "
-                                      f"its row halves swapped cannot be converted exactly")
+                raise FileFormatError(
+                    f"{component}.{part.module}: a {type(patch).__name__} on a weight stored with "
+                    f"its row halves swapped cannot be converted exactly"
+                )
             patch = swapped
         return {Target(component, part.module): patch}
     pieces = split_patch(patch, parts)
@@ -130,8 +135,9 @@ def read_grouped(tensors: Mapping[str, Tensor], info: ModelInfo, locate: Locate,
         component, spelled = located
         names = info.names(component)
         if names is None:
-            outcome.unplaced.update(dict.fromkeys(keys, f"the {component} module names are unknown (pass arch= or "
-                                                        f"modules=)"))
+            outcome.unplaced.update(
+                dict.fromkeys(keys, f"the {component} module names are unknown (pass arch= or modules=)")
+            )
             continue
         try:
             found = names.lookup(spelled, flat_name=flat_names)
@@ -153,8 +159,10 @@ def _component_names(lora: LoraFile, info: ModelInfo, component: str, write_fore
     if names is not None:
         return names
     if write_foreign:
-        raise AdapterError(f"writing {component} in this dialect needs its original module names: pass arch= "
-                           f"(or modules=) so lorakit knows the base model")
+        raise AdapterError(
+            f"writing {component} in this dialect needs its original module names: pass arch= "
+            f"(or modules=) so lorakit knows the base model"
+        )
     # No table: the LoRA's own module names are all a plain (diffusers-named) writer needs.
     own = {t.module: () for t in lora.patches if t.component == component}
     return ComponentNames(component, own)
@@ -176,8 +184,14 @@ def _group_patch(spelling: Spelling, modules: dict[str, Patch], shared: list[Pat
     return fuse_patches([(part, modules.get(part.module)) for part in spelling.parts])
 
 
-def write_grouped(lora: LoraFile, info: ModelInfo, key_of: Callable[[str, str], str],
-                  write_foreign: Callable[[str], bool], *, clip_prefix: bool = True) -> dict[str, Tensor]:
+def write_grouped(
+    lora: LoraFile,
+    info: ModelInfo,
+    key_of: Callable[[str, str], str],
+    write_foreign: Callable[[str], bool],
+    *,
+    clip_prefix: bool = True,
+) -> dict[str, Tensor]:
     """Tensors of a module-keyed dialect.
 
     Args:
@@ -201,8 +215,10 @@ def write_grouped(lora: LoraFile, info: ModelInfo, key_of: Callable[[str, str], 
             elif spelling.fused and any(p.module == target.module and p.rows == target.rows for p in spelling.parts):
                 shared.append(patch)
             else:
-                raise AdapterError(f"{target}: a patch on rows {target.rows} has no place in this dialect; write the "
-                                   f"dialect it was read from")
+                raise AdapterError(
+                    f"{target}: a patch on rows {target.rows} has no place in this dialect; write the "
+                    f"dialect it was read from"
+                )
         for name, (spelling, modules, shared) in groups.items():
             key = key_of(component, name)
             patch = _group_patch(spelling, modules, shared, key)

@@ -30,21 +30,41 @@ __all__ = [
 ]
 
 _LORA = {"lora_up.weight": "up", "lora_down.weight": "down", "lora_mid.weight": "mid"}
-_LOHA = {"hada_w1_a": "w1a", "hada_w1_b": "w1b", "hada_w2_a": "w2a", "hada_w2_b": "w2b", "hada_t1": "t1",
-         "hada_t2": "t2"}
-_LOKR = {"lokr_w1": "w1", "lokr_w1_a": "w1a", "lokr_w1_b": "w1b", "lokr_w2": "w2", "lokr_w2_a": "w2a",
-         "lokr_w2_b": "w2b", "lokr_t2": "t2"}
+_LOHA = {
+    "hada_w1_a": "w1a",
+    "hada_w1_b": "w1b",
+    "hada_w2_a": "w2a",
+    "hada_w2_b": "w2b",
+    "hada_t1": "t1",
+    "hada_t2": "t2",
+}
+_LOKR = {
+    "lokr_w1": "w1",
+    "lokr_w1_a": "w1a",
+    "lokr_w1_b": "w1b",
+    "lokr_w2": "w2",
+    "lokr_w2_a": "w2a",
+    "lokr_w2_b": "w2b",
+    "lokr_t2": "t2",
+}
 _FULL = {"diff": "diff", "diff_b": "diff_b"}
 _NORM = {"w_norm": "diff", "b_norm": "diff_b"}
 _EXTRA = ("alpha", "dora_scale", "on_input", "weight")
 
-KNOWN_SUFFIXES: tuple[str, ...] = tuple(sorted({*_LORA, *_LOHA, *_LOKR, *_FULL, *_NORM, *_EXTRA},
-                                               key=lambda s: (-len(s), s)))
+KNOWN_SUFFIXES: tuple[str, ...] = tuple(
+    sorted({*_LORA, *_LOHA, *_LOKR, *_FULL, *_NORM, *_EXTRA}, key=lambda s: (-len(s), s))
+)
 """Every suffix lorakit reads, longest first (so ``lora_up.weight`` wins over ``weight``)."""
 
 UNSUPPORTED_SUFFIXES: dict[str, str] = {
-    "a1.weight": "GLoRA", "a2.weight": "GLoRA", "b1.weight": "GLoRA", "b2.weight": "GLoRA",
-    "oft_blocks": "OFT/BOFT", "oft_diag": "OFT", "rescale": "OFT/BOFT", "lora_up.bias": "LoRA with a bias",
+    "a1.weight": "GLoRA",
+    "a2.weight": "GLoRA",
+    "b1.weight": "GLoRA",
+    "b2.weight": "GLoRA",
+    "oft_blocks": "OFT/BOFT",
+    "oft_diag": "OFT",
+    "rescale": "OFT/BOFT",
+    "lora_up.bias": "LoRA with a bias",
 }
 """Suffixes of LyCORIS kinds that lorakit recognises but cannot represent (named in the error)."""
 
@@ -112,8 +132,10 @@ def patch_from_parts(parts: Mapping[str, Tensor], where: str, weight_shape: tupl
     names = set(parts)
     unsupported = sorted({UNSUPPORTED_SUFFIXES[s] for s in names if s in UNSUPPORTED_SUFFIXES})
     if unsupported:
-        raise FileFormatError(f"{where}: {', '.join(unsupported)} adapters are not supported by lorakit "
-                              f"(keys {sorted(names)}); convert them with LyCORIS, or skip them with skip_unknown")
+        raise FileFormatError(
+            f"{where}: {', '.join(unsupported)} adapters are not supported by lorakit "
+            f"(keys {sorted(names)}); convert them with LyCORIS, or skip them with skip_unknown"
+        )
     kinds = [t for t in (_LORA, _LOHA, _LOKR, _FULL, _NORM) if names & set(t)]
     if not kinds and "weight" in names and "on_input" in names:
         kinds = [{"weight": "weight"}]
@@ -158,8 +180,11 @@ def delta_shape(patch: Patch) -> torch.Size:
         if patch.mid is None:
             return torch.Size((up[0], *down[1:]))
         return torch.Size((up[0], math.prod(down[1:]), *patch.mid.shape[2:]))
-    changes = {f.name: getattr(patch, f.name).to("meta") for f in dataclasses.fields(patch)
-               if isinstance(getattr(patch, f.name), Tensor)}
+    changes = {
+        f.name: getattr(patch, f.name).to("meta")
+        for f in dataclasses.fields(patch)
+        if isinstance(getattr(patch, f.name), Tensor)
+    }
     meta = dataclasses.replace(patch, dora=None, **changes)
     if isinstance(meta, Ia3Patch):
         raise ValueError("(IA)^3 has no delta shape of its own")

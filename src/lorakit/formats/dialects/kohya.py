@@ -40,7 +40,7 @@ def read_kohya(tensors: Mapping[str, Tensor], info: ModelInfo) -> ReadOutcome:
         for prefix in KOHYA_PREFIXES:
             if module_key.startswith(prefix):
                 component = info.kohya_component(prefix)
-                return None if component is None else (component, module_key[len(prefix):])
+                return None if component is None else (component, module_key[len(prefix) :])
         return None
 
     return read_grouped(tensors, info, locate, flat_names=True)
@@ -50,7 +50,7 @@ def read_lycoris(tensors: Mapping[str, Tensor], info: ModelInfo) -> ReadOutcome:
     """Read ``lycoris_`` keys, placed on the denoiser (``unet`` or ``transformer``)."""
 
     def locate(module_key: str) -> tuple[str, str] | None:
-        return info.denoiser(), module_key[len(LYCORIS_PREFIX):]
+        return info.denoiser(), module_key[len(LYCORIS_PREFIX) :]
 
     return read_grouped(tensors, info, locate, flat_names=True)
 

@@ -98,8 +98,9 @@ class ComponentNames:
         write_foreign: writers spell modules by their ``foreign`` names (SDXL kohya, FLUX kohya) instead of diffusers'.
     """
 
-    def __init__(self, component: str, modules: ModuleShapes, foreign: ForeignMap | None = None,
-                 *, write_foreign: bool = False) -> None:
+    def __init__(
+        self, component: str, modules: ModuleShapes, foreign: ForeignMap | None = None, *, write_foreign: bool = False
+    ) -> None:
         self.component = component
         self.modules = dict(modules)
         self.write_foreign = write_foreign and bool(foreign)
@@ -140,9 +141,11 @@ class ComponentNames:
         """
         parts = (self._flat if flat_name else self._dotted).get(name)
         if parts is _AMBIGUOUS:
-            raise FileFormatError(f"the {self.component} name {name!r} fits several modules "
-                                  f"{sorted(self._clashes[name])}; the flattened name is ambiguous for this model, "
-                                  f"so the file cannot say which one it means")
+            raise FileFormatError(
+                f"the {self.component} name {name!r} fits several modules "
+                f"{sorted(self._clashes[name])}; the flattened name is ambiguous for this model, "
+                f"so the file cannot say which one it means"
+            )
         return parts
 
     def spell(self, module: str, *, clip_prefix: bool = True) -> Spelling:
@@ -158,8 +161,9 @@ class ComponentNames:
         if spelling is not None:
             return spelling
         if self.write_foreign and module in self.modules:
-            raise AdapterError(f"{self.component}.{module} has no name in the original checkpoint's layout, so "
-                                  f"this dialect cannot hold it; write the diffusers dialect instead")
+            raise AdapterError(
+                f"{self.component}.{module} has no name in the original checkpoint's layout, so "
+                f"this dialect cannot hold it; write the diffusers dialect instead"
+            )
         spellings = clip_spellings(module) if clip_prefix and self.clip else None
         return Spelling(spellings[0] if spellings else module, (Part(module),))
-

@@ -26,8 +26,16 @@ from lorakit.formats.dialects.grouped import ReadOutcome
 from lorakit.formats.dialects.peft_config import config_for, peft_lora_tensors
 from lorakit.formats.safetensors_io import read_file, write_file
 
-__all__ = ["CONFIG_NAME", "PEFT_PREFIX", "WEIGHTS_NAME", "claims_peft", "is_peft_folder", "read_peft",
-           "read_peft_folder", "write_peft_folder"]
+__all__ = [
+    "CONFIG_NAME",
+    "PEFT_PREFIX",
+    "WEIGHTS_NAME",
+    "claims_peft",
+    "is_peft_folder",
+    "read_peft",
+    "read_peft_folder",
+    "write_peft_folder",
+]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -46,12 +54,12 @@ def is_peft_folder(path: Path) -> bool:
     return (path / CONFIG_NAME).is_file() or any((path / c / CONFIG_NAME).is_file() for c in COMPONENTS)
 
 
-def read_peft(tensors: Mapping[str, Tensor], info: ModelInfo, config: Mapping[str, Any],
-              component: str | None) -> ReadOutcome:
+def read_peft(
+    tensors: Mapping[str, Tensor], info: ModelInfo, config: Mapping[str, Any], component: str | None
+) -> ReadOutcome:
     """Read PEFT keys (prefix stripped) with the adapter's config for the alphas."""
-    stripped = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in tensors.items()}
-    outcome = read_diffusers(stripped, info, {None: config}, default_component=component,
-                             prefixed=False)
+    stripped = {k[len(PEFT_PREFIX) :] if k.startswith(PEFT_PREFIX) else k: v for k, v in tensors.items()}
+    outcome = read_diffusers(stripped, info, {None: config}, default_component=component, prefixed=False)
     # Report the keys as the file spells them.
     outcome.unplaced = {PEFT_PREFIX + k: why for k, why in outcome.unplaced.items()}
     return outcome
@@ -77,7 +85,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
 def _guess_component(folder: Path, tensors: Mapping[str, Tensor], info: ModelInfo) -> str | None:
     if folder.name in COMPONENTS:
         return folder.name
-    modules = {k[len(PEFT_PREFIX):].split(".lora_")[0] for k in tensors}
+    modules = {k[len(PEFT_PREFIX) :].split(".lora_")[0] for k in tensors}
     for component in COMPONENTS:
         names = info.names(component)
         if names is not None and all(names.lookup(m, flat_name=False) for m in modules):
@@ -91,14 +99,19 @@ def read_peft_folder(folder: Path, info: ModelInfo) -> tuple[ReadOutcome, dict[s
     Returns:
         The outcome and a metadata map holding each adapter config as JSON (``peft.<component>``).
     """
-    folders = [folder] if (folder / CONFIG_NAME).is_file() else [folder / c for c in COMPONENTS
-                                                                   if (folder / c / CONFIG_NAME).is_file()]
+    folders = (
+        [folder]
+        if (folder / CONFIG_NAME).is_file()
+        else [folder / c for c in COMPONENTS if (folder / c / CONFIG_NAME).is_file()]
+    )
     outcome, metadata = ReadOutcome(), {}
     for sub in folders:
         weights = sub / WEIGHTS_NAME
         if not weights.is_file():
-            raise InputError(f"{sub}: has {CONFIG_NAME} but no {WEIGHTS_NAME} (a pickled adapter_model.bin is "
-                             f"not read: convert it to safetensors)")
+            raise InputError(
+                f"{sub}: has {CONFIG_NAME} but no {WEIGHTS_NAME} (a pickled adapter_model.bin is "
+                f"not read: convert it to safetensors)"
+            )
         config = _read_config(sub)
         tensors, _ = read_file(weights)
         component = _guess_component(sub, tensors, info)
@@ -149,8 +162,15 @@ def write_peft_folder(lora: LoraFile, folder: Path, info: ModelInfo, dtype: torc
                 tensors[f"{PEFT_PREFIX}{module}.{suffix}"] = cast.contiguous()
         table = info.table(component)
         config = config_for(patches, list(table) if table is not None else None)
-        config.update({"base_model_name_or_path": None, "task_type": None, "inference_mode": True,
-                       "revision": None, "modules_to_save": None})
+        config.update(
+            {
+                "base_model_name_or_path": None,
+                "task_type": None,
+                "inference_mode": True,
+                "revision": None,
+                "modules_to_save": None,
+            }
+        )
         write_file(target / WEIGHTS_NAME, tensors, {"format": "pt"})
         _write_json(target / CONFIG_NAME, config)
         written.append(target)

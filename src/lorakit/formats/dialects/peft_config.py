@@ -54,8 +54,9 @@ def alpha_from_config(config: Mapping[str, Any], module: str, rank: int) -> floa
     """
     patterns = config.get("alpha_pattern") or {}
     bare = module.removeprefix(CLIP_PREFIX)
-    alpha = next((v for name in (module, bare, CLIP_PREFIX + bare) if (v := pattern_value(patterns, name)) is not None),
-                 None)
+    alpha = next(
+        (v for name in (module, bare, CLIP_PREFIX + bare) if (v := pattern_value(patterns, name)) is not None), None
+    )
     if alpha is None:
         alpha = config.get("lora_alpha")
     if alpha is None:
@@ -95,8 +96,9 @@ def _target_modules(names: list[str], known: list[str], clip: bool) -> list[str]
     return names
 
 
-def config_for(patches: Mapping[str, LoraPatch], known_modules: list[str] | None = None, *,
-               clip: bool = False) -> dict[str, Any]:
+def config_for(
+    patches: Mapping[str, LoraPatch], known_modules: list[str] | None = None, *, clip: bool = False
+) -> dict[str, Any]:
     """``LoraConfig`` fields under which PEFT rebuilds exactly these LoRAs (ranks and scales).
 
     Args:
@@ -138,11 +140,15 @@ def plain_lora_for_peft(patch: Patch, where: str) -> LoraPatch:
         AdapterError: the patch is not a LoRA, or its DoRA is normalised per input column.
     """
     if not isinstance(patch, LoraPatch):
-        raise AdapterError(f"{where}: a {type(patch).__name__} cannot be written as diffusers/PEFT lora_A/lora_B; "
-                           f"write the kohya dialect (LyCORIS keys) instead")
+        raise AdapterError(
+            f"{where}: a {type(patch).__name__} cannot be written as diffusers/PEFT lora_A/lora_B; "
+            f"write the kohya dialect (LyCORIS keys) instead"
+        )
     if patch.dora is not None and patch.dora.axis != "out":
-        raise AdapterError(f"{where}: DoRA normalised per input column has no PEFT form (PEFT normalises per output "
-                           f"row); write the kohya dialect instead")
+        raise AdapterError(
+            f"{where}: DoRA normalised per input column has no PEFT form (PEFT normalises per output "
+            f"row); write the kohya dialect instead"
+        )
     if patch.mid is None:
         return patch
     mid = patch.mid.to(torch.float32)
@@ -158,8 +164,9 @@ def peft_lora_tensors(patch: LoraPatch) -> dict[str, Tensor]:
     out = {"lora_A.weight": patch.down, "lora_B.weight": patch.up}
     if patch.dora is not None:
         magnitude = patch.dora.magnitude.reshape(-1)
-        out["lora_magnitude_vector"] = magnitude.reshape(1, -1, *([1] * (patch.down.dim() - 2))) \
-            if patch.down.dim() > 2 else magnitude
+        out["lora_magnitude_vector"] = (
+            magnitude.reshape(1, -1, *([1] * (patch.down.dim() - 2))) if patch.down.dim() > 2 else magnitude
+        )
     return out
 
 

@@ -21,8 +21,10 @@ from lorakit.formats.dialects.grouped import ReadOutcome, place_patch
 
 __all__ = ["claims_xlabs", "read_xlabs"]
 
-_KEY = re.compile(r"(?:diffusion_model\.)?(double_blocks|single_blocks)\.(\d+)\.processor\."
-                  r"(qkv_lora1|qkv_lora2|proj_lora1|proj_lora2|qkv_lora|proj_lora)\.(down|up)\.weight")
+_KEY = re.compile(
+    r"(?:diffusion_model\.)?(double_blocks|single_blocks)\.(\d+)\.processor\."
+    r"(qkv_lora1|qkv_lora2|proj_lora1|proj_lora2|qkv_lora|proj_lora)\.(down|up)\.weight"
+)
 _TARGET = {
     ("double_blocks", "qkv_lora1"): "img_attn.qkv",
     ("double_blocks", "proj_lora1"): "img_attn.proj",
@@ -57,8 +59,11 @@ def read_xlabs(tensors: Mapping[str, Tensor], info: ModelInfo) -> ReadOutcome:
             continue
         found = names.lookup(original, flat_name=False) if names is not None else None
         if found is None:
-            why = "the FLUX transformer's modules are unknown (pass arch='flux' or modules=)" if names is None \
+            why = (
+                "the FLUX transformer's modules are unknown (pass arch='flux' or modules=)"
+                if names is None
                 else f"no FLUX module {original!r}"
+            )
             outcome.unplaced.update(dict.fromkeys(keys, why))
             continue
         up, down = sides["up"][1], sides["down"][1]
