@@ -1,4 +1,7 @@
-"""The lorakit command: the demo runs and reports real checks; user errors exit 2 on one line."""
+"""The lorakit command: the engine demo runs and reports real checks; user errors exit 2 on one line.
+
+The full demo mission (``lorakit demo``) is tested at a reduced size in tests/demo/test_demo_mission.py.
+"""
 
 import json
 import subprocess
@@ -15,7 +18,7 @@ def _run(*args):
 
 
 def test_demo_json_reports_learning_and_exact_round_trips():
-    out = _run("demo", "--steps", "60", "--json")
+    out = _run("demo", "--engine", "--steps", "60", "--json")
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["losses"][-1] < report["losses"][0] / 5
@@ -27,7 +30,7 @@ def test_demo_json_reports_learning_and_exact_round_trips():
 
 
 def test_demo_prints_tables():
-    out = _run("demo", "--steps", "20")
+    out = _run("demo", "--engine", "--steps", "20")
     assert out.returncode == 0, out.stderr
     assert "outputs by adapter weight" in out.stdout and "engine checks" in out.stdout
 
@@ -39,9 +42,33 @@ def test_user_error_is_one_line_and_exit_2(monkeypatch, capsys):
         raise LorakitError("bad.safetensors: key x does not fit; use another file")
 
     monkeypatch.setattr("lorakit.demo.engine.run_engine_demo", boom)
-    assert cli_main.main(["demo", "--steps", "1", "--json"]) == 2
+    assert cli_main.main(["demo", "--engine", "--steps", "1", "--json"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["lorakit: error: bad.safetensors: key x does not fit; use another file"]
+
+
+def test_demo_refuses_a_folder_of_other_files(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["demo", "-o", str(tmp_path), "--quick"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no demo report" in err[0]
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.slow
+def test_demo_quick_json_writes_the_report(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--steps", "1", "-o", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert json.loads((out / "report.json").read_text()) == report
+    assert [lora["steps"] for lora in report["loras"]] == [1, 1]
+    assert (out / "grid.png").is_file() and set(report["scores"]["concept"]) == {"0", "0.5", "1"}
+
+
+def test_demo_help_names_the_mission_and_engine():
+    out = _run("demo", "--help")
+    assert out.returncode == 0
+    assert "--engine" in out.stdout and "--quick" in out.stdout and "--output" in out.stdout
 
 
 def test_usage_error_exits_2():

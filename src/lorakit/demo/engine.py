@@ -78,8 +78,13 @@ def _train(model: nn.Module, teacher: nn.Module, x: Tensor, steps: int, progress
     return losses
 
 
-def run_engine_demo(steps: int = 300, width: int = 64, depth: int = 6, seed: int = 0,
-                    progress: Callable[[int, float], None] = lambda step, loss: None) -> EngineDemoReport:
+def run_engine_demo(
+    steps: int = 300,
+    width: int = 64,
+    depth: int = 6,
+    seed: int = 0,
+    progress: Callable[[int, float], None] = lambda step, loss: None,
+) -> EngineDemoReport:
     """Run the demo and return its measurements.
 
     Args:
@@ -104,20 +109,34 @@ def run_engine_demo(steps: int = 300, width: int = 64, depth: int = 6, seed: int
     train_seconds = time.perf_counter() - start
 
     gen = torch.Generator().manual_seed(seed + 3)
-    loha = {n: LohaPatch(w1a=torch.randn(width, 2, generator=gen) * 0.5, w1b=torch.randn(2, width, generator=gen),
-                         w2a=torch.randn(width, 2, generator=gen) * 0.5, w2b=torch.randn(2, width, generator=gen),
-                         alpha=2.0) for n in square[:2]}
+    loha = {
+        n: LohaPatch(
+            w1a=torch.randn(width, 2, generator=gen) * 0.5,
+            w1b=torch.randn(2, width, generator=gen),
+            w2a=torch.randn(width, 2, generator=gen) * 0.5,
+            w2b=torch.randn(2, width, generator=gen),
+            alpha=2.0,
+        )
+        for n in square[:2]
+    }
     other = attach_patches(model, loha, name="loha")
 
-    report = EngineDemoReport(len([m for m in model.modules() if isinstance(m, nn.Linear)]), len(handle.modules),
-                              trainable, sum(p.numel() for p in before.values()), losses, train_seconds)
+    report = EngineDemoReport(
+        len([m for m in model.modules() if isinstance(m, nn.Linear)]),
+        len(handle.modules),
+        trainable,
+        sum(p.numel() for p in before.values()),
+        losses,
+        train_seconds,
+    )
     with torch.no_grad():
         for w_learned, w_loha in [(0.0, 0.0), (0.5, 0.0), (1.0, 0.0), (1.0, 1.0), (0.0, 1.0)]:
             handle.set_weight(w_learned)
             other.set_weight(w_loha)
             out = model(x)
-            report.rows.append({"learned": w_learned, "loha": w_loha, "to_target": _rel(out, target),
-                                "from_base": _rel(out, base_out)})
+            report.rows.append(
+                {"learned": w_learned, "loha": w_loha, "to_target": _rel(out, target), "from_base": _rel(out, base_out)}
+            )
         report.set_weight_us = _time_set_weight(handle, other)
         handle.set_weight(1.0)
         dynamic = model(x)

@@ -167,6 +167,8 @@ class TrainingConfig:
     """Keep the caches on disk in this folder; None keeps them in memory."""
     min_snr_gamma: float | None = None
     """Min-SNR loss weighting (5 is usual) for epsilon and v-prediction; None weights every timestep the same."""
+    prior_loss_weight: float = 1.0
+    """Loss weight of regularization (``is_reg``) images against training images, as kohya's prior_loss_weight."""
     noise_offset: float = 0.0
     """Add this times per-channel constant noise (helps very dark and bright images); 0.05-0.1 is usual."""
     timestep_sampling: str = "logit_normal"
@@ -190,6 +192,7 @@ class TrainingConfig:
         _check_choice("training.timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING)
         _check_positive("training.min_snr_gamma", self.min_snr_gamma)
         _check_positive("training.noise_offset", self.noise_offset, allow_zero=True)
+        _check_positive("training.prior_loss_weight", self.prior_loss_weight, allow_zero=True)
         _check_positive("training.logit_std", self.logit_std)
         _check_positive("training.flow_shift", self.flow_shift)
 

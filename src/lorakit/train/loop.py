@@ -4,10 +4,11 @@
     result.output            # NAME.safetensors (kohya format, full metadata)
 
 One optimizer step: ``gradient_accumulation`` forward passes over global batches of ``batch_size x processes``
-images (each process takes its share), the loss ``sum_i w_i * mse_i / N`` over the N images of the step, gradients
-summed over processes (DDP's all-reduce), clipped, and one optimizer and schedule step. Noise and timesteps come
-from per-image generators (see ``noise.sample_generator``), so a resumed run or a run on more processes sees the
-same draws as one uninterrupted process.
+images (each process takes its share), the loss ``sum_i w_i * mse_i / N`` over the N images of the step (``w_i``:
+the min-SNR weight, times ``prior_loss_weight`` for regularization images), gradients summed over processes (DDP's
+all-reduce), clipped, and one optimizer and schedule step. Noise and timesteps come from per-image generators (see
+``noise.sample_generator``), so a resumed run or a run on more processes sees the same draws as one uninterrupted
+process.
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ class Trainer:
             steps_per_epoch=self.loader.steps_per_epoch,
             world_size=self.procs.world,
             resolution=int(self.images.config.resolution),
+            num_reg_images=self.images.num_reg_samples,
         )
 
     def _dataset_dirs(self) -> dict[str, dict[str, int]]:
@@ -221,6 +223,10 @@ class Trainer:
         with autocast:
             cond = self._conditioning(mine)
             per_sample = self.task.loss(latents, cond, mine, draws)
+        prior = self.config.training.prior_loss_weight
+        if prior != 1.0 and any(s.is_reg for s in mine):
+            weights = [prior if s.is_reg else 1.0 for s in mine]
+            per_sample = per_sample * torch.tensor(weights, device=per_sample.device, dtype=per_sample.dtype)
         loss = per_sample.sum() / count
         # a NaN is caught after the step's losses are summed over processes, so that every process stops together
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()

@@ -53,6 +53,8 @@ class RunFacts:
     started_at: float = 0.0
     resolution: int = 512
     """The dataset's training resolution (bucket area resolution x resolution)."""
+    num_reg_images: int = 0
+    """Regularization images per epoch (kohya's ``ss_num_reg_images``)."""
 
 
 def _shown_path(path: str, absolute: bool) -> str:
@@ -66,6 +68,7 @@ def _dataset_metadata(facts: RunFacts) -> dict[str, str]:
         "ss_dataset_dirs": json.dumps(facts.dataset_dirs, sort_keys=True),
         "ss_tag_frequency": json.dumps(facts.tag_frequency, sort_keys=True),
         "ss_num_train_images": str(facts.num_images),
+        "ss_num_reg_images": str(facts.num_reg_images),
         "ss_num_batches_per_epoch": str(facts.steps_per_epoch),
     }
 
@@ -112,6 +115,7 @@ def _training_metadata(config: TrainConfig, facts: RunFacts, step: int) -> dict[
         "ss_seed": str(t.seed),
         "ss_min_snr_gamma": f"{t.min_snr_gamma:g}" if t.min_snr_gamma is not None else "None",
         "ss_noise_offset": f"{t.noise_offset:g}" if t.noise_offset else "None",
+        "ss_prior_loss_weight": f"{t.prior_loss_weight:g}",
         "ss_cache_latents": str(t.cache_latents),
     }
 

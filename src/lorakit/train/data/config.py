@@ -13,8 +13,8 @@ the ``FolderConfig`` fields::
     shuffle_caption = true
 
     [[folders]]
-    path = "reg"
-    repeats = 1
+    path = "reg"                 # regularization (prior preservation) images, as kohya's reg_data_dir
+    is_reg = true
     class_tokens = "dog"
 
 An unknown key is an error that names the key and the file.
@@ -72,6 +72,9 @@ class FolderConfig:
     """Probability that each tag after the first ``keep_tokens`` is left out."""
     trigger: str | None = None
     """Word(s) put first in every caption of this folder (moved to the front, never duplicated)."""
+    is_reg: bool = False
+    """Regularization (prior preservation) images, as kohya's ``reg_data_dir``: mixed into the batches with their
+    captions, balanced each epoch to as many sightings as the training images have (see ``ImageSet.copies``)."""
 
     def __post_init__(self) -> None:
         if not str(self.path):

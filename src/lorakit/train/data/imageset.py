@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from lorakit.errors import InputError
+from lorakit.errors import ConfigError, InputError
 from lorakit.train.data.buckets import BucketChooser, BucketPlan
 from lorakit.train.data.captions import caption_files, epoch_caption, read_caption, rng_for, split_tags
 from lorakit.train.data.config import DatasetConfig
@@ -75,6 +75,7 @@ class Sample:
         flipped: whether the image was mirrored.
         sha256: the image file's sha256 (latent cache key).
         copy: which repeat of the image in the epoch this is (0 for the first).
+        is_reg: a regularization image (its loss is weighted by ``training.prior_loss_weight``).
     """
 
     __slots__ = (
@@ -88,6 +89,7 @@ class Sample:
         "flipped",
         "sha256",
         "copy",
+        "is_reg",
     )
 
     def __init__(
@@ -103,12 +105,14 @@ class Sample:
         copy: int = 0,
         *,
         load: Callable[[], torch.Tensor] | None = None,
+        is_reg: bool = False,
     ) -> None:
         if pixels is None and load is None:
             raise ValueError("a Sample needs pixels or a function that loads them")
         self.key, self._pixels, self._load, self.caption = key, pixels, load, caption
         self.original_size, self.crop_top_left, self.target_size = original_size, crop_top_left, target_size
         self.flipped, self.sha256, self.copy = flipped, sha256, copy
+        self.is_reg = is_reg
 
     @property
     def pixels(self) -> torch.Tensor:
@@ -148,14 +152,46 @@ class ImageSet:
 
     @property
     def num_samples(self) -> int:
-        """Images per epoch, repeats counted."""
-        return sum(item.subset.repeats for item in self.items)
+        """Training images per epoch, repeats counted (regularization images not included)."""
+        return sum(item.subset.repeats for item in self.items if not item.subset.options.is_reg)
+
+    @property
+    def num_reg_samples(self) -> int:
+        """Regularization images per epoch after balancing (see :meth:`copies`)."""
+        return sum(n for item, n in zip(self.items, self.copies()) if item.subset.options.is_reg)
+
+    def copies(self) -> list[int]:
+        """Sightings per epoch of each item: its repeats for a training image; for regularization images, kohya's
+        balance, so that they are seen as often as the training images in all.
+
+        The regularization images are taken in order with their own repeats until they reach the training count
+        ``N``; if they fall short, further rounds add one sighting per image, in order, until ``N`` is reached.
+        Regularization images beyond ``N`` are not used (as in kohya's sd-scripts).
+
+        Raises:
+            ConfigError: the dataset has regularization images but no training image.
+        """
+        train = self.num_samples
+        out = [0 if item.subset.options.is_reg else item.subset.repeats for item in self.items]
+        reg = [i for i, item in enumerate(self.items) if item.subset.options.is_reg]
+        if reg and not train:
+            raise ConfigError("the dataset has only regularization (is_reg) folders; add a folder of training images")
+        seen, first_round = 0, True
+        while reg and seen < train:
+            for i in reg:
+                step = self.items[i].subset.repeats if first_round else 1
+                out[i] += step
+                seen += step
+                if seen >= train:
+                    break
+            first_round = False
+        return out
 
     def bucket_counts(self) -> dict[tuple[int, int], int]:
-        """(width, height) -> images per epoch in that bucket (repeats counted), sorted by bucket."""
+        """(width, height) -> images per epoch in that bucket (repeats and balanced reg images counted), sorted."""
         counts: Counter[tuple[int, int]] = Counter()
-        for item in self.items:
-            counts[item.bucket] += item.subset.repeats
+        for item, n in zip(self.items, self.copies()):
+            counts[item.bucket] += n
         return dict(sorted(counts.items()))
 
     def tag_frequency(self) -> dict[str, dict[str, int]]:
@@ -220,6 +256,7 @@ class ImageSet:
             flipped=flip,
             sha256=item.sha256,
             copy=copy,
+            is_reg=item.subset.options.is_reg,
             load=partial(to_tensor_from_file, item.path, item.plan, top_left, flip),
         )
 

@@ -1,9 +1,10 @@
 """Batches in a deterministic, resumable order; a batch never mixes buckets.
 
-An epoch is every image ``repeats`` times. The sightings are grouped by bucket; with ``shuffle`` each bucket's
-sightings are shuffled and cut into batches (the last batch of a bucket may be short), then the batches are
-shuffled, all from a generator seeded by (seed, epoch). So the epoch's order depends on nothing else, and a run
-stopped after batch ``k`` resumes at batch ``k`` with the same batches as an uninterrupted run.
+An epoch is every training image ``repeats`` times, plus as many regularization sightings (``ImageSet.copies``).
+The sightings are grouped by bucket; with ``shuffle`` each bucket's sightings are shuffled and cut into batches (the
+last batch of a bucket may be short), then the batches are shuffled, all from a generator seeded by (seed, epoch).
+So the epoch's order depends on nothing else, and a run stopped after batch ``k`` resumes at batch ``k`` with the
+same batches as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ class BatchLoader:
         self.seed = seed
         self.shuffle = shuffle
         self._by_bucket: dict[tuple[int, int], list[Sighting]] = {}
-        for index, item in enumerate(images.items):
-            sightings = self._by_bucket.setdefault(item.bucket, [])
-            sightings += [(index, copy) for copy in range(item.subset.repeats)]
+        self.copies = images.copies()  # repeats, and regularization images balanced to the training images
+        for index, (item, count) in enumerate(zip(images.items, self.copies)):
+            if count:
+                self._by_bucket.setdefault(item.bucket, []).extend((index, copy) for copy in range(count))
         self._by_bucket = dict(sorted(self._by_bucket.items()))
         self.steps_per_epoch = sum(math.ceil(len(s) / batch_size) for s in self._by_bucket.values())
         self.epoch = 0
@@ -95,7 +97,10 @@ class BatchLoader:
         """sha256 over what fixes the order: image keys, contents, repeats, buckets, batch size and options."""
         config = self.images.config
         parts = [f"{self.batch_size}|{self.shuffle}|{config.flip}|{config.random_crop}"]
-        parts += [f"{it.key}|{it.sha256}|{it.subset.repeats}|{it.bucket}|{it.caption}" for it in self.images.items]
+        parts += [
+            f"{it.key}|{it.sha256}|{n}|{it.bucket}|{it.caption}|{it.subset.options.is_reg}"
+            for it, n in zip(self.images.items, self.copies)
+        ]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
     def state_dict(self) -> dict[str, Any]:
