@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import struct
 
@@ -153,13 +152,15 @@ def test_bad_size_and_sampler_are_errors(model_and_loras, capsys):
     assert "euler_a" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(importlib.util.find_spec("lorakit.models.embedded") is not None, reason="embedded model present")
-def test_default_model_without_the_embedded_one_is_a_clear_error(tmp_path, capsys):
+def test_default_model_without_the_embedded_one_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    from lorakit.models import embedded
+
+    monkeypatch.setattr(embedded, "embedded_model_path", lambda: tmp_path / "missing")
     assert main(["generate", "--prompt", "a", "-o", str(tmp_path / "x.png")]) == 2
-    assert "--model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--model" in err and "missing" in err and not (tmp_path / "x.png").exists()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("lorakit.models.embedded") is None, reason="no embedded model")
 def test_default_model_is_the_embedded_one(tmp_path, capsys):
     out = tmp_path / "e.png"
     assert main(["generate", "--prompt", "a red circle", "--steps", "2", "-o", str(out)]) == 0

@@ -93,16 +93,16 @@ def _arch_of_pipe(pipe: Any, arch: str | None) -> tuple[str, str]:
 
 
 def _load_embedded(dtype: torch.dtype) -> LoadedPipeline:
-    try:
-        from lorakit.models.embedded import embedded_model_path, load_embedded_pipeline
-    except ImportError:
+    from lorakit.models import embedded
+
+    if not (embedded.embedded_model_path() / "model_index.json").is_file():
         raise InputError(
-            "the embedded base model is not part of this lorakit build; pass --model PATH (a diffusers folder or a "
-            ".safetensors checkpoint)"
-        ) from None
-    pipe = load_embedded_pipeline(dtype=dtype)
+            f"{embedded.embedded_model_path()}: the embedded base model is missing from this lorakit install; "
+            "reinstall lorakit, or pass --model PATH (a diffusers folder or a .safetensors checkpoint)"
+        )
+    pipe = embedded.load_embedded_pipeline(dtype=dtype)
     arch, reason = _arch_of_pipe(pipe, None)
-    return LoadedPipeline(pipe, arch, reason, str(embedded_model_path()))
+    return LoadedPipeline(pipe, arch, reason, str(embedded.embedded_model_path()))
 
 
 def _load_folder(folder: Path, arch: str | None, dtype: torch.dtype) -> LoadedPipeline:
