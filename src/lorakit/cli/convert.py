@@ -29,6 +29,10 @@ def convert(
         str | None, typer.Option("--arch", help="Architecture or variant, when the file does not tell it.")
     ] = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help="Cast weights to fp32, fp16 or bf16.")] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="Base model whose module names and shapes place the keys (custom widths)."),
+    ] = None,
     json: JsonOption = False,
 ) -> None:
     """Convert a LoRA between the kohya/A1111, diffusers, PEFT and ComfyUI dialects, exactly (alphas included).
@@ -42,7 +46,7 @@ def convert(
     if dtype is not None and dtype not in _DTYPES:
         raise ConfigError(f"--dtype {dtype}: unknown; use one of {', '.join(_DTYPES)}")
     cast = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype or "")
-    result = convert_lora(source, output, to, verify=verify, arch=arch, dtype=cast)
+    result = convert_lora(source, output, to, verify=verify, arch=arch, dtype=cast, model=model)
     if json:
         print_json(result)
         return

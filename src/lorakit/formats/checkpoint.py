@@ -379,4 +379,21 @@ def _from_model_index(folder: Path):
     except (ValueError, AttributeError):
         return None
     arch = _PIPELINE_ARCH.get(name)
+    if arch is None and name == "StableDiffusionPipeline":
+        return _sd1_or_sd2_folder(folder)
     return None if arch is None else Detection(arch, None, f"model_index.json _class_name={name}")
+
+
+def _sd1_or_sd2_folder(folder: Path):
+    """SD1 and SD2 share a pipeline class; SD2's UNet projects into attention with Linear layers, SD1's with 1x1 convs.
+
+    This names models whose widths match neither release (the embedded tiny model, small research models) by layout.
+    """
+    from lorakit.arch.detect import Detection
+
+    try:
+        linear = bool(json.loads((folder / "unet" / "config.json").read_text()).get("use_linear_projection", False))
+    except (OSError, ValueError, AttributeError):
+        return None
+    arch = "sd2" if linear else "sd1"
+    return Detection(arch, None, f"StableDiffusionPipeline folder, UNet use_linear_projection={linear}: {arch} layout")

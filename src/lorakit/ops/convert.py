@@ -18,6 +18,7 @@ import torch
 from lorakit.core.patches import Patch
 from lorakit.errors import ConfigError, FileFormatError, OutputError
 from lorakit.formats.canonical import LoraFile
+from lorakit.formats.checkpoint import Checkpoint
 from lorakit.formats.dialects.detect import family_of
 from lorakit.formats.lora_io import DIALECTS, load_lora, save_lora
 from lorakit.formats.safetensors_writer import check_output_path
@@ -117,6 +118,7 @@ def convert_lora(
     verify: bool = False,
     arch: str | None = None,
     dtype: torch.dtype | None = None,
+    model: str | os.PathLike[str] | None = None,
 ) -> ConvertResult:
     """Read a LoRA in any dialect and write it in ``dialect``, atomically.
 
@@ -128,6 +130,8 @@ def convert_lora(
         arch: the architecture or variant, when the file does not tell it (needed to spell kohya names of SDXL,
             FLUX and SD3, which follow the original checkpoint).
         dtype: cast weights to this dtype (alphas keep their exact value).
+        model: a base model (single-file checkpoint or diffusers folder) whose own module names and shapes place the
+            keys: for LoRAs of models whose widths differ from the released ones (the embedded tiny model).
 
     Returns:
         What was written, and with ``verify`` the largest difference found (0 for an exact conversion).
@@ -146,14 +150,18 @@ def convert_lora(
         _check_peft_output(out, src)
     else:
         check_output_path(out, [src])
+    modules = None
+    if model is not None:
+        with Checkpoint.open(model, arch=arch) as ckpt:
+            arch, modules = ckpt.arch, {c: ckpt.shapes(c) for c in ckpt.components()}
     if arch is not None:
         family, reason = detect_file_arch(src)
         require_same_arch(str(src), family, reason, family_of(arch), f"--arch {arch}")
-    lora = load_lora(src, arch=arch)
-    save_lora(lora, out, dialect=dialect, arch=arch, dtype=dtype)
+    lora = load_lora(src, arch=arch, modules=modules)
+    save_lora(lora, out, dialect=dialect, arch=arch, dtype=dtype, modules=modules)
     result = ConvertResult(str(src), str(out), lora.dialect, dialect, arch or lora.arch, len(lora.patches), verify)
     if not verify:
         return result
-    back = load_lora(out, arch=arch or lora.arch)
+    back = load_lora(out, arch=arch or lora.arch, modules=modules)
     error, relative = effect_error(lora, back, arch)
     return ConvertResult(**{**result.__dict__, "max_error": error, "max_relative_error": relative})
