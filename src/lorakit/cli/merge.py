@@ -16,6 +16,10 @@ ArchOption = Annotated[
     str | None, typer.Option(help="Architecture (sd1, sd2, sdxl, flux, sd3) when the keys do not tell it.")
 ]
 DtypeOption = Annotated[str | None, typer.Option(help="Output dtype: fp16, bf16 or fp32.")]
+ModelOption = Annotated[
+    Path | None,
+    typer.Option("--model", help="Base model whose module names and shapes place the keys (models of custom widths)."),
+]
 
 
 def register(app: typer.Typer) -> None:
@@ -46,6 +50,7 @@ def merge(
     ] = None,
     dtype: DtypeOption = None,
     arch: ArchOption = None,
+    model: ModelOption = None,
     json: JsonOption = False,
 ) -> None:
     """Merge LoRAs into one: the weighted sum of their deltas, exactly or at a chosen rank.
@@ -67,6 +72,7 @@ def merge(
         blocks=blocks,
         dtype=parse_dtype(dtype),
         arch=arch,
+        model=model,
     )
     _report(result, f"merged {len(inputs)} LoRAs into {output}", json)
 
@@ -85,6 +91,7 @@ def resize(
     conv_rank: Annotated[int | None, typer.Option("--conv-rank", help="A fixed rank for 3x3 convs.")] = None,
     dtype: DtypeOption = None,
     arch: ArchOption = None,
+    model: ModelOption = None,
     json: JsonOption = False,
 ) -> None:
     """Change a LoRA's rank: the exact best truncation, computed from the factors.
@@ -104,6 +111,7 @@ def resize(
         conv_rank=conv_rank,
         dtype=parse_dtype(dtype),
         arch=arch,
+        model=model,
     )
     _report(result, f"resized {lora} into {output}", json)
 

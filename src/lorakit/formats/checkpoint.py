@@ -397,3 +397,24 @@ def _sd1_or_sd2_folder(folder: Path):
         return None
     arch = "sd2" if linear else "sd1"
     return Detection(arch, None, f"StableDiffusionPipeline folder, UNet use_linear_projection={linear}: {arch} layout")
+
+
+def model_shapes(
+    path: str | os.PathLike[str] | None, arch: str | None = None
+) -> tuple[str | None, dict[str, dict[str, tuple[int, ...]]] | None]:
+    """The architecture and per-component module shapes of a base model, read from headers only.
+
+    For LoRAs of models whose widths no released model has (the embedded tiny model, research models): their keys
+    are placed by the model's own names and shapes instead of the bundled full-size tables.
+
+    Args:
+        path: a single-file checkpoint or a diffusers folder; None gives ``(arch, None)``.
+        arch: the architecture when it cannot be detected.
+
+    Returns:
+        ``(arch, {component: {module: shape}})``, or ``(arch, None)`` without a path.
+    """
+    if path is None:
+        return arch, None
+    with Checkpoint.open(path, arch=arch) as ckpt:
+        return ckpt.arch, {c: ckpt.shapes(c) for c in ckpt.components()}

@@ -18,7 +18,7 @@ import torch
 from lorakit.core.patches import Patch
 from lorakit.errors import ConfigError, FileFormatError, OutputError
 from lorakit.formats.canonical import LoraFile
-from lorakit.formats.checkpoint import Checkpoint
+from lorakit.formats.checkpoint import model_shapes
 from lorakit.formats.dialects.detect import family_of
 from lorakit.formats.lora_io import DIALECTS, load_lora, save_lora
 from lorakit.formats.safetensors_writer import check_output_path
@@ -150,10 +150,7 @@ def convert_lora(
         _check_peft_output(out, src)
     else:
         check_output_path(out, [src])
-    modules = None
-    if model is not None:
-        with Checkpoint.open(model, arch=arch) as ckpt:
-            arch, modules = ckpt.arch, {c: ckpt.shapes(c) for c in ckpt.components()}
+    arch, modules = model_shapes(model, arch)
     if arch is not None:
         family, reason = detect_file_arch(src)
         require_same_arch(str(src), family, reason, family_of(arch), f"--arch {arch}")

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from lorakit.errors import ConfigError
+from lorakit.formats.checkpoint import model_shapes
 from lorakit.formats.lora_io import load_lora, save_lora
 from lorakit.formats.safetensors_writer import check_output_path
 from lorakit.ops.algebra import LoraResult
@@ -91,6 +92,7 @@ def merge_files(
     blocks: str | None = None,
     dtype: torch.dtype | None = None,
     arch: str | None = None,
+    model: str | os.PathLike[str] | None = None,
 ) -> LoraResult:
     """Merge LoRA files at weights (``merge_loras``) and write the result in the kohya dialect.
 
@@ -103,12 +105,14 @@ def merge_files(
         blocks: an LBW block-weight spec applied to every input.
         dtype: output dtype (default: the first input's).
         arch: architecture of the inputs when their keys do not tell it.
+        model: a base model whose own module names and shapes place the keys (models of custom widths).
 
     Returns:
         The merged LoRA and the per-module report (rank in and out, relative error, energy kept).
     """
     check_output_path(output, [path for path, _ in inputs])
-    loras = [(load_lora(path, arch=arch), weight) for path, weight in inputs]
+    arch, modules = model_shapes(model, arch)
+    loras = [(load_lora(path, arch=arch, modules=modules), weight) for path, weight in inputs]
     multipliers = None
     if blocks:
         family = arch or next((lora.arch for lora, _ in loras if lora.arch), None)
@@ -124,7 +128,7 @@ def merge_files(
         "blocks": blocks,
     }
     result.lora.metadata = {"lorakit.merge": json.dumps(record, sort_keys=True)}
-    save_lora(result.lora, output, dialect="kohya", arch=arch)
+    save_lora(result.lora, output, dialect="kohya", arch=arch, modules=modules)
     return result
 
 
@@ -138,6 +142,7 @@ def resize_file(
     conv_rank: int | None = None,
     dtype: torch.dtype | None = None,
     arch: str | None = None,
+    model: str | os.PathLike[str] | None = None,
 ) -> LoraResult:
     """Resize a LoRA file (``resize_lora``: exact truncation from the factors) and write it in the kohya dialect.
 
@@ -150,6 +155,7 @@ def resize_file(
         conv_rank: fixed rank for k x k convs.
         dtype: output dtype (default: each patch's own).
         arch: architecture when the keys do not tell it.
+        model: a base model whose own module names and shapes place the keys (models of custom widths).
     """
     if (rank is None) == (dynamic is None):
         raise ConfigError("give exactly one of --rank and --dynamic")
@@ -157,7 +163,8 @@ def resize_file(
         raise ConfigError(f"--rank {rank}: must be at least 1")
     rule = parse_dynamic(dynamic) if dynamic else {}
     check_output_path(output, [path])
-    lora = load_lora(path, arch=arch)
+    arch, modules = model_shapes(model, arch)
+    lora = load_lora(path, arch=arch, modules=modules)
     result = resize_lora(lora, rank=rank, max_rank=max_rank, conv_rank=conv_rank, dtype=dtype, **rule)
     meta = dict(result.lora.metadata)
     for key in ("ss_network_dim", "ss_network_alpha"):
@@ -169,5 +176,5 @@ def resize_file(
         sort_keys=True,
     )
     result.lora.metadata = meta
-    save_lora(result.lora, output, dialect="kohya", arch=arch)
+    save_lora(result.lora, output, dialect="kohya", arch=arch, modules=modules)
     return result
