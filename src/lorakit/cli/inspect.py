@@ -107,7 +107,9 @@ def _print_problems(report, console: Console) -> None:
         console.print("non-finite values: none")
     if report.skipped_keys:
         console.print(
-            f"[red]{len(report.skipped_keys)} keys no dialect places:[/red] " + ", ".join(report.skipped_keys[:5])
+            f"[red]{len(report.skipped_keys)} keys cannot be placed[/red] on the {report.arch or 'known'} module "
+            "tables (names or shapes differ; for a model of custom widths pass --model PATH): "
+            + ", ".join(report.skipped_keys[:5])
         )
 
 
