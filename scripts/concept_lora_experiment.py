@@ -164,21 +164,9 @@ def main() -> None:
     p.add_argument("--grid", default=None, help="PNG: trigger prompts at weights 0, 0.5, 1, then plain at 0 and 1")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    if args.model is None:
-        from lorakit.models.embedded import load_embedded_pipeline
+    from lorakit.models import load_pipeline
 
-        pipe = load_embedded_pipeline()
-    else:
-        from diffusers import StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline.from_pretrained(
-            args.model,
-            dtype=torch.float32,
-            local_files_only=True,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+    pipe = load_pipeline(args.model).pipe  # None: the embedded model
     t0 = time.time()
     handle, losses = train(pipe, args)
     train_s = time.time() - t0

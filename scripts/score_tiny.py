@@ -45,21 +45,9 @@ def main() -> None:
     p.add_argument("--grid", default=None, help="write the images as a PNG grid here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    if args.model is None:
-        from lorakit.models.embedded import load_embedded_pipeline
+    from lorakit.models import load_pipeline
 
-        pipe = load_embedded_pipeline()
-    else:
-        from diffusers import StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline.from_pretrained(
-            args.model,
-            dtype=torch.float32,
-            local_files_only=True,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+    pipe = load_pipeline(args.model).pipe  # None: the embedded model
     t0 = time.time()
     score, images = score_pipeline(pipe, args.count, seed=args.seed, steps=args.steps, guidance=args.guidance)
     print(f"{score.count} held-out prompts, {args.steps} steps, guidance {args.guidance}, {time.time() - t0:.0f} s")
