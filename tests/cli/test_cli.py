@@ -79,3 +79,26 @@ def test_usage_error_exits_2():
 def test_help(args):
     out = _run(*args)
     assert out.returncode == 0 and "demo" in out.stdout
+
+
+def test_a_missing_diffusion_extra_is_a_one_line_error(monkeypatch, capsys):
+    import lorakit.cli.main as cli_main
+
+    def needs_diffusers(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'diffusers'", name="diffusers")
+
+    monkeypatch.setattr(cli_main, "app", needs_diffusers)
+    assert cli_main.main(["generate", "--prompt", "a"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lorakit[diffusion]" in err and "diffusers" in err
+
+
+def test_other_missing_modules_stay_bugs(monkeypatch):
+    import lorakit.cli.main as cli_main
+
+    def broken(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'lorakit.nothing'", name="lorakit.nothing")
+
+    monkeypatch.setattr(cli_main, "app", broken)
+    with pytest.raises(ModuleNotFoundError):
+        cli_main.main(["inspect", "x"])

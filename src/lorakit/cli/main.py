@@ -43,6 +43,10 @@ generate.register(app)
 train.register(app)
 
 
+_DIFFUSION_EXTRA = {"diffusers", "transformers", "accelerate", "PIL", "prodigyopt", "tokenizers"}
+"""Packages of the ``diffusion`` extra: the core install (inspect, convert, merge...) works without them."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 bug, 2 user error)."""
     try:
@@ -51,6 +55,15 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("LORAKIT_DEBUG") == "1":
             raise
         print(f"lorakit: error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] not in _DIFFUSION_EXTRA or os.environ.get("LORAKIT_DEBUG") == "1":
+            raise
+        print(
+            f"lorakit: error: this command needs {err.name}, which is not installed; "
+            "install the diffusion extra: pip install 'lorakit[diffusion]'",
+            file=sys.stderr,
+        )
         return 2
     except typer.Exit as ex:
         return ex.exit_code
