@@ -26,6 +26,7 @@ from lorakit.demo import datasets
 from lorakit.demo.mission_eval import Scores, TargetCheck, check_targets, evaluate
 from lorakit.errors import ConfigError, OutputError
 from lorakit.formats.safetensors_io import read_file
+from lorakit.formats.safetensors_writer import atomic_file
 
 __all__ = ["STAGES", "LoraSummary", "MissionConfig", "MissionReport", "check_output", "prepare_output", "run_mission"]
 
@@ -321,13 +322,7 @@ def _grid(loaded: Any, config: MissionConfig, progress: Callable[[int, int], Non
 
 
 def _write_report(path: Path, report: MissionReport) -> None:
-    import os
-    import tempfile
-
     data = asdict(report)
     data["all_targets_met"] = report.all_targets_met
-    handle, temp = tempfile.mkstemp(prefix=".report.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(handle, "w", encoding="utf-8") as file:
-        json.dump(data, file, indent=2)
-        file.write("\n")
-    os.replace(temp, path)
+    with atomic_file(path) as (file, _):
+        file.write((json.dumps(data, indent=2) + "\n").encode("utf-8"))

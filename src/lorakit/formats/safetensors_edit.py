@@ -19,13 +19,10 @@ from lorakit.formats.safetensors_reader import SafetensorsReader
 from lorakit.formats.safetensors_writer import (
     PathLike,
     WrittenFile,
-    _finish,
     _metadata_with_placeholders,
-    _rename,
-    _sync_folder,
     _write,
+    atomic_file,
     check_output_path,
-    create_temp,
 )
 
 __all__ = ["rewrite_metadata"]
@@ -66,26 +63,18 @@ def rewrite_metadata(
         entries = sorted(reader.header.entries, key=lambda e: (e.begin, e.end))
         final = _metadata_with_placeholders(metadata, hash_fields)
         header = encode_header(entries, final)
-        fd, temp = create_temp(target)
-        try:
-            with os.fdopen(fd, "w+b") as file:
-                _write(file, header, target)
-                digest = _copy_data(reader, file, target)
-                filled = dict(final or {})
-                for key, template in (hash_fields or {}).items():
-                    filled[key] = template.replace("{sha256}", digest)
-                _patch_header(file, header, entries, filled if final is not None else None, target)
-                if late_fields:
-                    file.flush()
-                    for key, compute in late_fields.items():
-                        filled[key] = compute(str(temp))
-                    _patch_header(file, header, entries, filled, target)
-                _finish(file, target)
-            _rename(temp, target)
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
-    _sync_folder(target.parent)
+        with atomic_file(target, "w+b") as (file, temp):
+            _write(file, header, target)
+            digest = _copy_data(reader, file, target)
+            filled = dict(final or {})
+            for key, template in (hash_fields or {}).items():
+                filled[key] = template.replace("{sha256}", digest)
+            _patch_header(file, header, entries, filled if final is not None else None, target)
+            if late_fields:
+                file.flush()
+                for key, compute in late_fields.items():
+                    filled[key] = compute(str(temp))
+                _patch_header(file, header, entries, filled, target)
     return WrittenFile(path=target, size=len(header) + reader.file_size - reader.data_offset, data_sha256=digest)
 
 

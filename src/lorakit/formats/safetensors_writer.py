@@ -14,11 +14,12 @@ name: a reader never sees half a file, and a failure (including a producer raisi
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import secrets
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -146,22 +147,33 @@ def write_file(
     header = encode_header(entries, final_metadata)
     hasher = hashlib.sha256() if (hash_data or hash_fields) else None
 
+    with atomic_file(target) as (file, _):
+        _write(file, header, target)
+        for source in sources:
+            _write_tensor(file, source, hasher.update if hasher is not None else None, target)
+        digest = hasher.hexdigest() if hasher is not None else None
+        if hash_fields and digest is not None:
+            _rewrite_header(file, header, entries, final_metadata, hash_fields, digest, target)
+    return WrittenFile(path=target, size=len(header) + (entries[-1].end if entries else 0), data_sha256=digest)
+
+
+@contextlib.contextmanager
+def atomic_file(target: Path, mode: str = "wb") -> Iterator[tuple[BinaryIO, Path]]:
+    """Write ``target`` through a hidden temporary file beside it: yields ``(file, temp_path)``.
+
+    When the block ends normally the file is fsynced and renamed onto ``target`` (and the folder synced); when it
+    raises, the temporary file is removed, so a failed or killed write never leaves a partial file under the final name.
+    """
     fd, temp = create_temp(target)
     try:
-        with os.fdopen(fd, "wb") as file:
-            _write(file, header, target)
-            for source in sources:
-                _write_tensor(file, source, hasher.update if hasher is not None else None, target)
-            digest = hasher.hexdigest() if hasher is not None else None
-            if hash_fields and digest is not None:
-                _rewrite_header(file, header, entries, final_metadata, hash_fields, digest, target)
+        with os.fdopen(fd, mode) as file:
+            yield file, temp
             _finish(file, target)
         _rename(temp, target)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    _sync_folder(target.parent)
-    return WrittenFile(path=target, size=len(header) + (entries[-1].end if entries else 0), data_sha256=digest)
+    sync_folder(target.parent)
 
 
 def _sources_in_layout_order(tensors: Mapping[str, torch.Tensor] | Iterable[TensorSource]) -> list[TensorSource]:
@@ -320,7 +332,8 @@ def _rename(temp: Path, target: Path) -> None:
         raise OutputError(f"{target}: cannot replace it ({exc.strerror}); check the file's permissions") from None
 
 
-def _sync_folder(folder: Path) -> None:
+def sync_folder(folder: Path) -> None:
+    """fsync a folder so that a rename in it persists."""
     # Persist the rename itself; some file systems (and Windows) cannot open a folder, which only costs durability.
     try:
         fd = os.open(folder, os.O_RDONLY)

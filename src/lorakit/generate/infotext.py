@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorakit.errors import FileFormatError, InputError
+from lorakit.formats.safetensors_writer import atomic_file
 
 __all__ = ["Infotext", "format_infotext", "lora_short_hash", "parse_infotext", "read_png_infotext", "write_png"]
 
@@ -116,9 +117,6 @@ def lora_hashes_value(hashes: Mapping[str, str]) -> str:
 
 def write_png(image, path: str | Path, infotext: str) -> Path:
     """Save a PIL image as PNG with the ``parameters`` text chunk, atomically (temp file in the folder, rename)."""
-    import os
-    import tempfile
-
     from PIL.PngImagePlugin import PngInfo
 
     target = Path(path)
@@ -126,16 +124,8 @@ def write_png(image, path: str | Path, infotext: str) -> Path:
         raise InputError(f"{target}: its folder does not exist; create it or choose another -o")
     chunk = PngInfo()
     chunk.add_text("parameters", infotext)
-    handle, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            image.save(file, format="PNG", pnginfo=chunk)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    with atomic_file(target) as (file, _):
+        image.save(file, format="PNG", pnginfo=chunk)
     return target
 
 

@@ -25,7 +25,7 @@ import torch
 from lorakit.errors import OutputError
 from lorakit.formats.dtypes import dtype_name, layout_key
 from lorakit.formats.safetensors_header import TensorEntry, encode_header
-from lorakit.formats.safetensors_writer import TensorSource, check_output_path, create_temp, tensor_bytes
+from lorakit.formats.safetensors_writer import TensorSource, check_output_path, create_temp, sync_folder, tensor_bytes
 
 __all__ = ["check_folder_output", "prefetched", "write_direct", "write_folder"]
 
@@ -162,7 +162,7 @@ def write_direct(
         os.close(fd)
         fd = -1
         os.replace(temp, target)
-        _sync_folder(target.parent)
+        sync_folder(target.parent)
     except BaseException:
         if fd >= 0:
             os.close(fd)
@@ -171,16 +171,6 @@ def write_direct(
     finally:
         staged.close()
     return size
-
-
-def _sync_folder(folder: Path) -> None:
-    # persist the rename; some file systems cannot open a folder, which only costs durability
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def check_folder_output(target: Path, inputs: Sequence[str | os.PathLike[str]]) -> None:

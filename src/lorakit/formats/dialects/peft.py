@@ -9,8 +9,6 @@ components. The component of a single folder is its name when that is a componen
 from __future__ import annotations
 
 import json
-import os
-import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from lorakit.formats.dialects.diffusers import plain_patches, read_diffusers
 from lorakit.formats.dialects.grouped import ReadOutcome
 from lorakit.formats.dialects.peft_config import config_for, peft_lora_tensors
 from lorakit.formats.safetensors_io import read_file, write_file
+from lorakit.formats.safetensors_writer import atomic_file
 
 __all__ = [
     "CONFIG_NAME",
@@ -123,16 +122,10 @@ def read_peft_folder(folder: Path, info: ModelInfo) -> tuple[ReadOutcome, dict[s
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
-        with open(temp, "w", encoding="utf-8") as file:
-            json.dump(payload, file, indent=2, sort_keys=True)
-            file.write("\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
+        with atomic_file(path) as (file, _):
+            file.write((json.dumps(payload, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     except OSError as exc:
-        temp.unlink(missing_ok=True)
         raise OutputError(f"{path}: cannot be written ({exc.strerror}); choose another folder") from None
 
 
