@@ -62,12 +62,10 @@ def _sdxl_unet() -> nn.Module:
     ).eval()
 
 
-@functools.cache
-def _text_encoder_2() -> nn.Module:
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+def _clip_config(**extra):
+    from transformers import CLIPTextConfig
 
-    torch.manual_seed(4)
-    config = CLIPTextConfig(
+    return CLIPTextConfig(
         hidden_size=12,
         intermediate_size=24,
         num_attention_heads=2,
@@ -77,28 +75,24 @@ def _text_encoder_2() -> nn.Module:
         bos_token_id=0,
         eos_token_id=1,
         pad_token_id=1,
-        projection_dim=6,
+        **extra,
     )
-    return CLIPTextModelWithProjection(config).eval()
+
+
+@functools.cache
+def _text_encoder_2() -> nn.Module:
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(4)
+    return CLIPTextModelWithProjection(_clip_config(projection_dim=6)).eval()
 
 
 @functools.cache
 def _text_encoder() -> nn.Module:
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(1)
-    config = CLIPTextConfig(
-        hidden_size=12,
-        intermediate_size=24,
-        num_attention_heads=2,
-        num_hidden_layers=2,
-        vocab_size=50,
-        max_position_embeddings=8,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
-    return CLIPTextModel(config).eval()
+    return CLIPTextModel(_clip_config()).eval()
 
 
 @functools.cache
