@@ -273,3 +273,68 @@ def test_direct_writer_failure_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OutputError, match="No space left"):
         bake_io.write_direct(tmp_path / "o.safetensors", [TensorSource.of("a", torch.zeros(10))], None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_read_ahead_keeps_order_and_bounds_what_is_in_flight():
+    """Two workers produce out of order (random delays); the writer still gets layout order, and no more than
+    ``workers`` tensors beyond the byte budget are ever started ahead."""
+    import random
+    import threading
+    import time
+
+    from lorakit.formats.safetensors_writer import TensorSource
+    from lorakit.ops.bake_io import prefetched
+
+    rng = random.Random(0)
+    live, peak, lock = [0], [0], threading.Lock()
+
+    def make(i):
+        def produce():
+            with lock:
+                live[0] += 1
+                peak[0] = max(peak[0], live[0])
+            time.sleep(rng.random() * 0.004)
+            return torch.full((1000,), float(i))  # 4000 bytes each
+
+        return produce
+
+    sources = [TensorSource(f"t{i:03d}", torch.float32, (1000,), make(i)) for i in range(60)]
+    got = []
+    with prefetched(sources, workers=2, budget=10_000) as ordered:
+        for s in ordered:
+            tensor = s.produce()
+            with lock:
+                live[0] -= 1
+            got.append(int(tensor[0]))
+    assert got == list(range(60))
+    # the tensor taken, two more for the workers, then the budget (two 4000-byte tensors)
+    assert peak[0] <= 1 + 2 + 2
+
+
+def test_read_ahead_passes_a_worker_error_to_the_writer(tmp_path):
+    from lorakit.formats.safetensors_writer import TensorSource
+    from lorakit.ops.bake_io import prefetched, write_direct
+
+    def broken():
+        raise RuntimeError("cannot read tensor b")
+
+    sources = [TensorSource.of("a", torch.zeros(10)), TensorSource("b", torch.float32, (10,), broken)]
+    with pytest.raises(RuntimeError, match="tensor b"), prefetched(sources) as ordered:
+        write_direct(tmp_path / "o.safetensors", ordered, None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_in_place_bake_equals_the_copying_one():
+    from lorakit.ops.bake import Contribution, baked_tensor
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 40, generator=g).half()
+    patch = LoraPatch(up=torch.randn(300, 4, generator=g), down=torch.randn(4, 40, generator=g), alpha=2.0)
+    c = [Contribution(Target("unet", "m"), patch, 0.7, None, None, None)]
+    want = baked_tensor(w.clone(), c, torch.float16)
+    owned = w.clone()
+    got = baked_tensor(owned, c, torch.float16, in_place=True)
+    assert got.data_ptr() == owned.data_ptr()
+    assert torch.equal(got, want)
+    ref = (w.float() + 0.7 * patch.delta(w.shape)).half()
+    assert (got.float() - ref.float()).abs().max() <= 2e-3 * ref.float().abs().max()

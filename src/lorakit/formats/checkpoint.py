@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +86,7 @@ class Checkpoint:
         self._shapes = shapes
         self._dtypes = dtypes
         self._readers: dict[Path, SafetensorsReader] = {}
+        self._open_lock = threading.Lock()
         self._tensors: dict[str, torch.Tensor] | None = None
         self._refs: dict[str, dict[str, WeightRef]] = {}
         self.arch = ""
@@ -307,11 +309,12 @@ class Checkpoint:
         if key not in self._stored:
             raise KeyError(f"{self.path}: has no tensor {key!r}")
         if self._tensors is not None:
-            return self._tensors[key]
+            return self._tensors[key].clone()  # the caller owns what it gets, as with a file read
         where = self._stored[key]
-        reader = self._readers.get(where.file)
-        if reader is None:
-            reader = self._readers[where.file] = SafetensorsReader(where.file)
+        with self._open_lock:  # two read-ahead threads may ask for the same new file at once
+            reader = self._readers.get(where.file)
+            if reader is None:
+                reader = self._readers[where.file] = SafetensorsReader(where.file)
         return reader.get(where.name)
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ no page is touched until a tensor's values are used (a conversion that only rena
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
@@ -42,6 +43,19 @@ def open_input(path: str | os.PathLike[str]) -> BinaryIO:
         raise InputError(f"{path}: is a folder, not a file; name the file inside it") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot be read ({exc.strerror}); check its permissions") from None
+
+
+_SEEK_LOCK = threading.Lock()
+
+
+def _pread_into(file: BinaryIO, view: memoryview, offset: int) -> int:
+    """Read into ``view`` at ``offset`` without moving a shared file position, so that threads can read one file
+    at once (the bake reads ahead on two). Where the system has no positional read, a lock serialises seek + read."""
+    if hasattr(os, "preadv"):
+        return os.preadv(file.fileno(), [view], offset)
+    with _SEEK_LOCK:
+        file.seek(offset)
+        return file.readinto(view)
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -208,9 +222,8 @@ class SafetensorsReader:
     def _read_into(self, buffer: torch.Tensor, offset: int, key: str) -> None:
         view = memoryview(buffer.numpy()).cast("B")
         done = 0
-        self._file.seek(offset)
         while done < len(view):
-            count = self._file.readinto(view[done:])
+            count = _pread_into(self._file, view[done:], offset + done)
             if not count:
                 raise header_error(
                     str(self.path),

@@ -13,8 +13,10 @@ inputs are never modified. Targets that match no weight of the checkpoint are an
 from __future__ import annotations
 
 import json
+import itertools
 import math
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,11 +185,14 @@ _CHUNK_BYTES = 1 << 21
 to the cast, where whole-tensor passes would stream the tensor through memory three times (4x slower here)."""
 
 
-def _baked_plain(stored: torch.Tensor, contributions: Sequence[Contribution], dtype: torch.dtype) -> torch.Tensor:
+def _baked_plain(
+    stored: torch.Tensor, contributions: Sequence[Contribution], dtype: torch.dtype, in_place: bool
+) -> torch.Tensor:
     """``baked_tensor`` for plain LoRAs only, block by block of rows: one ``addmm`` per LoRA and block."""
     rows = stored.shape[0]
     flat = stored.reshape(rows, -1)
-    result = torch.empty(stored.shape, dtype=dtype)
+    # each block is read into fp32 before it is written back, so the result may overwrite the input
+    result = stored if in_place and dtype == stored.dtype else torch.empty(stored.shape, dtype=dtype)
     flat_out = result.view(rows, -1)
     factors = []
     for c in contributions:
@@ -216,13 +221,17 @@ def _is_plain(c: Contribution, stored: torch.Tensor) -> bool:
     return patch.up.shape[0] == rows and patch.down[0].numel() * rows == stored[:rows].numel()
 
 
-def baked_tensor(stored: torch.Tensor, contributions: Sequence[Contribution], dtype: torch.dtype) -> torch.Tensor:
+def baked_tensor(
+    stored: torch.Tensor, contributions: Sequence[Contribution], dtype: torch.dtype, *, in_place: bool = False
+) -> torch.Tensor:
     """``W + sum_c s_c * D_c(W)`` over one stored tensor, accumulated in fp32 and cast once to ``dtype``.
 
-    Every effect is taken against the stored ``W`` (not the partly patched one), as ``apply_patches`` does.
+    Every effect is taken against the stored ``W`` (not the partly patched one), as ``apply_patches`` does. With
+    ``in_place`` the result may be written into ``stored`` (a tensor the caller owns and no longer needs): no second
+    tensor of its size is allocated.
     """
     if stored.is_contiguous() and all(_is_plain(c, stored) for c in contributions):
-        return _baked_plain(stored, contributions, dtype)
+        return _baked_plain(stored, contributions, dtype, in_place)
     out = stored.to(torch.float32, copy=True)
     for c in contributions:
         # row slices of a contiguous tensor are contiguous views: updates land in ``out``
@@ -245,7 +254,7 @@ def _source(
     def produce() -> torch.Tensor:
         tensor = ckpt.read(key)
         if contributions:
-            tensor = baked_tensor(tensor, contributions, out_dtype)
+            tensor = baked_tensor(tensor, contributions, out_dtype, in_place=True)  # ``read`` gave a fresh tensor
         elif tensor.dtype != out_dtype:
             tensor = tensor.to(out_dtype)
         tick()
@@ -302,18 +311,20 @@ def bake_checkpoint(
             f"--allow-missing to bake the rest"
         )
     total = len(ckpt.keys())
-    done = [0]
+    done = itertools.count(1)
+    lock = threading.Lock()
 
-    def tick() -> None:
-        done[0] += 1
-        if progress is not None:
-            progress(done[0], total)
+    def tick() -> None:  # called from the read-ahead threads
+        with lock:
+            count = next(done)
+            if progress is not None:
+                progress(count, total)
 
     sources = {key: _source(ckpt, key, plan.get(key), dtype, tick) for key in ckpt.keys()}
     all_inputs = [ckpt.path, *inputs]
     threads = torch.get_num_threads()
-    # The per-block GEMMs are small (rank-wide) and memory-bound: a second intra-op thread only adds
-    # synchronisation, 9x slower than one thread on a busy 2-core machine (measured).
+    # The per-block GEMMs are small (rank-wide): a second intra-op thread only adds synchronisation (9x slower than
+    # one thread on a busy 2-core machine, measured); the read-ahead threads patch whole tensors in parallel instead.
     torch.set_num_threads(1)
     try:
         if ckpt.layout == "single-file":

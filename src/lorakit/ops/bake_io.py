@@ -36,22 +36,35 @@ _STAGE = 8 << 20
 """Staging buffer: 8 MiB, a multiple of the alignment O_DIRECT needs (offset, size and address)."""
 
 
-@contextlib.contextmanager
-def prefetched(sources: Sequence[TensorSource], depth: int = 1) -> Iterator[list[TensorSource]]:
-    """The same sources in the writer's layout order, each produced on a worker thread ``depth`` tensors ahead.
+def _nbytes(source: TensorSource) -> int:
+    return torch.Size(source.shape).numel() * torch.empty((), dtype=source.dtype).element_size()
 
-    Reading and patching the next tensor overlaps writing the current one (torch and file I/O release the GIL), at
-    the cost of ``depth`` more tensors alive.
+
+@contextlib.contextmanager
+def prefetched(
+    sources: Sequence[TensorSource], workers: int = 2, budget: int = 64 << 20
+) -> Iterator[list[TensorSource]]:
+    """The same sources in the writer's layout order, produced ahead on ``workers`` threads.
+
+    Reading and patching the next tensors overlaps writing the current one, and two workers patch two tensors at
+    once (torch and file I/O release the GIL; each GEMM stays single-threaded, the tensors are the parallel unit).
+    Tensors are started ahead while the bytes in flight stay under ``budget``, and always ``workers`` of them so
+    that no worker idles; memory stays a few of the largest tensors.
     """
     order = sorted(sources, key=lambda s: layout_key(dtype_name(s.dtype), s.name))
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-bake")
+    sizes = [_nbytes(s) for s in order]
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lorakit-bake")
     futures: dict[int, Future[torch.Tensor]] = {}
-    submitted = [0]
+    state = {"next": 0, "ahead": 0}  # next index to submit; bytes submitted and not yet taken
 
     def get(index: int) -> torch.Tensor:
-        while submitted[0] <= min(index + depth, len(order) - 1):
-            futures[submitted[0]] = pool.submit(order[submitted[0]].produce)
-            submitted[0] += 1
+        while state["next"] < len(order) and (
+            state["next"] <= index + workers or state["ahead"] + sizes[state["next"]] <= budget
+        ):
+            futures[state["next"]] = pool.submit(order[state["next"]].produce)
+            state["ahead"] += sizes[state["next"]]
+            state["next"] += 1
+        state["ahead"] -= sizes[index]
         return futures.pop(index).result()
 
     try:
@@ -62,59 +75,82 @@ def prefetched(sources: Sequence[TensorSource], depth: int = 1) -> Iterator[list
 
 
 class _Staged:
-    """Bytes gathered in an aligned buffer and written in whole aligned blocks."""
+    """Bytes gathered in aligned buffers and written in whole aligned blocks, by a writer thread.
+
+    Two buffers: while one is being written (``O_DIRECT`` writes wait for the disk), the caller fills the other.
+    Writes stay in order: a buffer is handed over only after the previous write finished.
+    """
 
     def __init__(self, fd: int, target: Path) -> None:
         self.fd, self.target = fd, target
-        self.buffer = mmap.mmap(-1, _STAGE)  # anonymous maps are page aligned
-        self.view = memoryview(self.buffer)
+        self.buffers = [mmap.mmap(-1, _STAGE) for _ in range(2)]  # anonymous maps are page aligned
+        self.views = [memoryview(b) for b in self.buffers]
+        self.current = 0
         self.filled = 0
         self.total = 0
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-write")
+        self.pending: Future[None] | None = None
 
     def add(self, data: memoryview | bytes) -> None:
         data = memoryview(data).cast("B")
         while len(data):
             take = min(len(data), _STAGE - self.filled)
-            self.view[self.filled : self.filled + take] = data[:take]
+            self.views[self.current][self.filled : self.filled + take] = data[:take]
             self.filled += take
             data = data[take:]
             if self.filled == _STAGE:
-                self._flush(_STAGE)
+                self._hand_over(_STAGE)
 
-    def _flush(self, size: int) -> None:
+    def _hand_over(self, size: int) -> None:
+        self._wait()
+        self.pending = self.pool.submit(self._write, self.views[self.current], size)
+        self.total += size
+        self.current = 1 - self.current
+        self.filled = 0
+
+    def _wait(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+
+    def _write(self, view: memoryview, size: int) -> None:
         done = 0
         while done < size:
             try:
                 # a context manager, so that an exception's traceback cannot keep the buffer exported
-                with self.view[done:size] as chunk:
+                with view[done:size] as chunk:
                     done += _os_write(self.fd, chunk)
             except OSError as exc:
                 raise OutputError(
                     f"{self.target}: writing failed ({exc.strerror}); free disk space or choose another folder"
                 ) from None
-        self.total += size
-        self.filled = 0
 
     def finish(self) -> int:
         """Write the tail (padded to the alignment, then cut back) and return the file size."""
         tail = self.filled
         if tail:
             padded = -(-tail // _ALIGN) * _ALIGN
-            self.view[tail:padded] = bytes(padded - tail)
-            self._flush(padded)
+            self.views[self.current][tail:padded] = bytes(padded - tail)
+            self._hand_over(padded)
             self.total -= padded - tail
+        self._wait()
         os.ftruncate(self.fd, self.total)
         return self.total
 
     def close(self) -> None:
-        self.view.release()
-        self.buffer.close()
+        """Stop the writer (after its current write) and free the buffers; safe to call twice."""
+        self.pool.shutdown(wait=True)
+        self.pending = None
+        for view, buffer in zip(self.views, self.buffers, strict=True):
+            view.release()
+            buffer.close()
+        self.views, self.buffers = [], []
 
 
 def _entries(sources: Sequence[TensorSource]) -> list[TensorEntry]:
     entries, offset = [], 0
     for s in sources:
-        nbytes = torch.Size(s.shape).numel() * torch.empty((), dtype=s.dtype).element_size()
+        nbytes = _nbytes(s)
         entries.append(TensorEntry(s.name, dtype_name(s.dtype), tuple(s.shape), offset, offset + nbytes))
         offset += nbytes
     return entries
@@ -164,6 +200,7 @@ def write_direct(
         os.replace(temp, target)
         sync_folder(target.parent)
     except BaseException:
+        staged.close()  # the writer thread stops before its file descriptor is closed
         if fd >= 0:
             os.close(fd)
         temp.unlink(missing_ok=True)
