@@ -12,8 +12,8 @@ inputs are never modified. Targets that match no weight of the checkpoint are an
 
 from __future__ import annotations
 
-import json
 import itertools
+import json
 import math
 import os
 import threading
