@@ -51,6 +51,41 @@ def make_images(folder: Path, count: int, size: int) -> None:
         (folder / f"{i:02d}.txt").write_text(f"{names[i % 4]} {shape}")
 
 
+def make_sd15_folder(folder: Path, seed: int = 0) -> Path:
+    """An SD1.5-size diffusers folder with random weights (860M UNet, 84M VAE, 123M CLIP-L), built from the configs
+    lorakit ships, saved in fp16 (2.1 GB); reused when it is there. The tokenizer is the embedded model's."""
+    import shutil
+
+    if (folder / "model_index.json").exists():
+        return folder
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    import lorakit.models
+    from lorakit.arch import load_config
+    from lorakit.models.embedded import embedded_model_path
+
+    configs = Path(lorakit.models.__file__).parent / "configs"
+    temp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(temp, ignore_errors=True)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(load_config("sd1", "unet"))
+    vae = AutoencoderKL.from_config(json.loads((configs / "vae-sd1.json").read_text()))
+    settings = dict(load_config("sd1", "text_encoder"))
+    settings.pop("model_type", None)
+    settings.pop("architectures", None)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**settings))
+    for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+        module.to(torch.float16).save_pretrained(temp / name)
+    embedded = embedded_model_path()
+    for name in ("tokenizer", "scheduler"):
+        shutil.copytree(embedded / name, temp / name)
+    shutil.copy(embedded / "model_index.json", temp / "model_index.json")
+    temp.rename(folder)
+    return folder
+
+
 # --- lorakit --------------------------------------------------------------------------------------------------------
 def run_lorakit(args: argparse.Namespace) -> dict:
     import torch
@@ -65,6 +100,7 @@ def run_lorakit(args: argparse.Namespace) -> dict:
     base = rss_mb()
     config = config_from_dict(
         {
+            "model": {"path": args.model},
             "dataset": {
                 "path": str(args.data),
                 "resolution": args.size,
@@ -100,7 +136,7 @@ def _peer_setup(args: argparse.Namespace):
 
     from lorakit.models.embedded import embedded_model_path
 
-    path = embedded_model_path()
+    path = args.model or embedded_model_path()
     scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
     fp32 = {"torch_dtype": torch.float32}
@@ -183,6 +219,7 @@ def run_floor(args: argparse.Namespace) -> dict:
 
     config = config_from_dict(
         {
+            "model": {"path": args.model},
             "dataset": {
                 "path": str(args.data),
                 "resolution": args.size,
@@ -233,7 +270,9 @@ def _spawn(args: argparse.Namespace, worker: str) -> dict:
         str(args.size),
         "--threads",
         str(args.threads),
-    ] + (["--checkpointing"] if args.checkpointing else [])
+    ]
+    cmd += ["--checkpointing"] if args.checkpointing else []
+    cmd += ["--model", args.model] if args.model else []
     done = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
@@ -261,12 +300,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2, help="runs per side, alternating")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on both sides")
+    parser.add_argument(
+        "--sd15", action="store_true", help="an SD1.5-size model with random weights instead of the embedded one"
+    )
+    parser.add_argument("--model", help=argparse.SUPPRESS)  # set for the workers
     parser.add_argument("--worker", choices=["lorakit", "peer", "floor"])
     args = parser.parse_args()
     args.data = args.dir / "data"
     if args.worker:
         _worker(args)
         return
+    if args.sd15:
+        args.model = str(make_sd15_folder(args.dir / "sd15"))
     make_images(args.data, 16, args.size)
     # alternate the sides and keep each one's best run: other load on the machine hits both alike
     runs: dict[str, list[dict]] = {"peer": [], "lorakit": []}
@@ -280,7 +325,8 @@ def main() -> None:
     floor = _spawn(args, "floor")
     floor_s = floor["flops"] / floor["rate"]
     print(
-        f"LoRA training step, embedded SD1-layout model, {args.size} px, batch {args.batch}, rank {args.rank}, "
+        f"LoRA training step, {'SD1.5-size model (random weights)' if args.sd15 else 'embedded SD1-layout model'}, "
+        f"{args.size} px, batch {args.batch}, rank {args.rank}, "
         f"{args.threads} thread(s){', gradient checkpointing' if args.checkpointing else ''}"
     )
     print(f"floor: {floor['flops'] / 1e9:.2f} GFLOP per step / {floor['rate'] / 1e9:.1f} GFLOP/s = {floor_s:.3f} s")

@@ -159,6 +159,8 @@ class TrainingConfig:
     """no, fp16 or bf16 (GPU only); auto is bf16 on a GPU that has it, else fp16 on GPU, fp32 on CPU."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: much less memory, about 30% slower."""
+    lean_activations: bool = True
+    """Frozen convolutions and GEGLUs keep only what the gradient needs (exact, no time cost; lorakit.train.lean)."""
     cache_latents: bool = True
     """Encode each image once (when flips and random crops are off) and drop the VAE from the step."""
     cache_text: bool = True

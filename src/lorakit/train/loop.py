@@ -26,6 +26,7 @@ import torch
 
 from lorakit.errors import LorakitError, OutputError
 from lorakit.train.config import TrainConfig
+from lorakit.train.lean import LeanHandle, lean_activations
 from lorakit.train.logs import LossLog
 from lorakit.train.network import TrainedNetwork, attach_network
 from lorakit.train.optim import build_optimizer, build_schedule
@@ -138,6 +139,7 @@ class Trainer:
     def _prepare_model(self) -> None:
         config, device = self.config, self.procs.device
         pipe = self.pipe
+        self.lean: list[LeanHandle] = []
         if self.autocast is not None:  # frozen weights in half precision, as the diffusers scripts do; VAE stays fp32
             for name in ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3"):
                 if getattr(pipe, name, None) is not None:
@@ -150,6 +152,8 @@ class Trainer:
             module.train()
             if config.training.gradient_checkpointing:
                 _enable_checkpointing(module)
+            if config.training.lean_activations:
+                self.lean.append(lean_activations(module))
         identity = f"{self.arch}|{self.source}|{next(pipe.vae.parameters()).dtype}"
         self.latent_cache, self.text_cache = make_caches(config, self.task, self.images, identity)
         self._precompute()
@@ -323,6 +327,8 @@ class Trainer:
         finally:
             if log is not None:
                 log.close()
+            for handle in self.lean:  # a pipeline passed in gets its own forwards back
+                handle.remove()
         if main:
             self._save(result.output, final=True)
             self._save_state(log)  # so that a finished run can be continued with more steps
