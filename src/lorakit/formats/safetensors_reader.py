@@ -151,21 +151,30 @@ class SafetensorsReader:
 
     # -- data --------------------------------------------------------------------------------------------------
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, scratch: torch.Tensor | None = None) -> torch.Tensor:
         """Read one tensor.
 
         Args:
             key: the tensor's name.
+            scratch: a uint8 buffer to read into instead of a new tensor, at least the tensor's size: the result is
+                a view of it, valid until the buffer is used again (reading a model to cast it tensor by tensor
+                then reuses one buffer, so the memory freed between tensors leaves no holes).
 
         Returns:
-            A new CPU tensor with the file's dtype and shape, owning its memory.
+            A CPU tensor with the file's dtype and shape, owning its memory (unless ``scratch`` is given).
 
         Raises:
             KeyError: no such tensor.
             FileFormatError: the file ended early (it was truncated after it was opened).
+            ValueError: ``scratch`` is too small.
         """
         entry = self.entry(key)
-        buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
+        if scratch is None:
+            buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
+        elif scratch.dtype != torch.uint8 or scratch.numel() < entry.nbytes:
+            raise ValueError(f"scratch buffer of {scratch.numel()} {scratch.dtype} for {entry.nbytes} bytes of {key!r}")
+        else:
+            buffer = scratch[: entry.nbytes]
         self._read_into(buffer, self.data_offset + entry.begin, entry.name)
         # safetensors stores little-endian data, which is what torch uses on every platform it ships for.
         return buffer.view(entry.torch_dtype).reshape(entry.shape)

@@ -7,6 +7,7 @@ component folders) or a single-file checkpoint (A1111 / ComfyUI layout, see ``lo
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -105,6 +106,22 @@ def _load_embedded(dtype: torch.dtype) -> LoadedPipeline:
     return LoadedPipeline(pipe, arch, reason, str(embedded.embedded_model_path()))
 
 
+def _streamed_components(folder: Path, index: Mapping[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """The model components loaded tensor by tensor (``lorakit.models.streaming``), handed to ``from_pretrained``
+    so that it loads only the rest (tokenizers, scheduler, and any component streaming does not handle)."""
+    from lorakit.models.streaming import stream_component
+
+    out = {}
+    for name, entry in index.items():
+        if name.startswith("_") or name == "safety_checker" or not isinstance(entry, list):
+            continue
+        if entry[0] in ("diffusers", "transformers") and (folder / name).is_dir():
+            module = stream_component(folder / name, dtype)
+            if module is not None:
+                out[name] = module
+    return out
+
+
 def _load_folder(folder: Path, arch: str | None, dtype: torch.dtype) -> LoadedPipeline:
     from diffusers import DiffusionPipeline
 
@@ -118,6 +135,7 @@ def _load_folder(folder: Path, arch: str | None, dtype: torch.dtype) -> LoadedPi
     if '"safety_checker"' in index:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
+        kwargs.update(_streamed_components(folder, json.loads(index), dtype))
         pipe = DiffusionPipeline.from_pretrained(folder, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

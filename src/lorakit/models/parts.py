@@ -95,6 +95,11 @@ def load_component_from_folder(folder: Path, component: str, dtype: torch.dtype)
     sub = folder / component
     if not sub.is_dir() or not any(sub.glob("*.safetensors")) and not any(sub.glob("*.safetensors.index.json")):
         return None
+    from lorakit.models.streaming import stream_component
+
+    streamed = stream_component(sub, dtype)
+    if streamed is not None:
+        return streamed
     raw = json.loads((sub / "config.json").read_text())
     if "_class_name" in raw:
         import diffusers

@@ -31,7 +31,16 @@ from lorakit.train.logs import LossLog
 from lorakit.train.network import TrainedNetwork, attach_network
 from lorakit.train.optim import build_optimizer, build_schedule
 from lorakit.train.save import RunFacts, lora_metadata, write_lora
-from lorakit.train.setup import Processes, dataset_config, fixed_captions, load_base, make_caches, precision, processes
+from lorakit.train.setup import (
+    Processes,
+    dataset_config,
+    fixed_captions,
+    load_base,
+    make_caches,
+    precision,
+    processes,
+    return_free_memory,
+)
 from lorakit.train.state import (
     TrainState,
     check_fingerprint,
@@ -162,7 +171,8 @@ class Trainer:
         """Fill the caches up front; then the VAE (and frozen text encoders) are released unless samples need them."""
         keep = bool(self.config.sample.prompts)
         if self.latent_cache is not None:
-            self.latent_cache.precompute(self.images, batch_size=4)
+            # one image at a time: the VAE encoder's activations at full resolution are the largest of the run
+            self.latent_cache.precompute(self.images, batch_size=1)
             if not keep:
                 self._release("vae")
         captions = fixed_captions(self.images) if self.text_cache is not None else None
@@ -172,6 +182,7 @@ class Trainer:
             if not keep:
                 for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
                     self._release(name)
+        return_free_memory()
 
     def _release(self, name: str) -> None:
         """Free a component the run no longer needs: off the GPU, or (on a CPU) its weights dropped to the meta

@@ -13,7 +13,7 @@ import torch
 from lorakit.errors import ConfigError
 from lorakit.train.config import TrainConfig
 
-__all__ = ["Processes", "dataset_config", "load_base", "make_caches", "precision", "processes"]
+__all__ = ["Processes", "dataset_config", "load_base", "make_caches", "precision", "processes", "return_free_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -142,3 +142,19 @@ def fixed_captions(images: Any) -> list[str] | None:
         if o.shuffle_caption or o.caption_dropout_rate or o.tag_dropout_rate:
             return None
     return sorted({images.caption(i, seed=0, epoch=0) for i in range(len(images))})
+
+
+def return_free_memory() -> None:
+    """Hand memory freed on the heap back to the system (glibc keeps it, so released components would still count
+    in the process's memory); a no-op elsewhere."""
+    import ctypes
+    import gc
+    import sys
+
+    gc.collect()
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        pass
