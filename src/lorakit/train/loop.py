@@ -170,11 +170,7 @@ class Trainer:
     def _precompute(self) -> None:
         """Fill the caches up front; then the VAE (and frozen text encoders) are released unless samples need them."""
         keep = bool(self.config.sample.prompts)
-        if self.latent_cache is not None:
-            # one image at a time: the VAE encoder's activations at full resolution are the largest of the run
-            self.latent_cache.precompute(self.images, batch_size=1)
-            if not keep:
-                self._release("vae")
+        # text first: the text encoders leave before the VAE encoder's activations (the largest of the setup) arrive
         captions = fixed_captions(self.images) if self.text_cache is not None else None
         if captions:
             for start in range(0, len(captions), 8):
@@ -182,7 +178,12 @@ class Trainer:
             if not keep:
                 for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
                     self._release(name)
-        return_free_memory()
+                return_free_memory()
+        if self.latent_cache is not None:
+            self.latent_cache.precompute(self.images, batch_size=1)  # one image at a time, for the same reason
+            if not keep:
+                self._release("vae")
+                return_free_memory()
 
     def _release(self, name: str) -> None:
         """Free a component the run no longer needs: off the GPU, or (on a CPU) its weights dropped to the meta
