@@ -1,4 +1,5 @@
-"""Writing baked checkpoints fast: a direct-I/O streaming writer, read-ahead on a worker thread, folder output.
+"""Writing baked checkpoints fast: a direct-I/O streaming writer with a writer thread, read-ahead and patching on two
+worker threads, folder output.
 
 Why not ``lorakit.formats.safetensors_writer.write_file``: it writes through the page cache, and on the machines this
 runs on (virtual disks) buffered writes of a multi-gigabyte file are throttled to about 0.3 GB/s while the same bytes
