@@ -86,19 +86,11 @@ def make_sd15_folder(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-# --- lorakit --------------------------------------------------------------------------------------------------------
-def run_lorakit(args: argparse.Namespace) -> dict:
-    import torch
-
-    torch.set_num_threads(args.threads)
-    import diffusers  # noqa: F401  (imported before the baseline on both sides)
-    import transformers  # noqa: F401
-
+def lorakit_config(args: argparse.Namespace, output: str, steps: int):
+    """lorakit's run: one bucket at the benchmark size, LoRA on attention, AdamW 1e-4, fp16 saves."""
     from lorakit.train.config import config_from_dict
-    from lorakit.train.loop import train
 
-    base = rss_mb()
-    config = config_from_dict(
+    return config_from_dict(
         {
             "model": {"path": args.model},
             "dataset": {
@@ -111,14 +103,28 @@ def run_lorakit(args: argparse.Namespace) -> dict:
             "network": {"rank": args.rank, "targets": "attention"},
             "optimizer": {"lr": 1e-4},
             "training": {
-                "steps": args.warmup + args.steps,
+                "steps": steps,
                 "batch_size": args.batch,
                 "seed": 0,
                 "gradient_checkpointing": args.checkpointing,
             },
-            "save": {"output_dir": str(args.dir / "out_lorakit"), "dtype": "fp16"},
+            "save": {"output_dir": str(args.dir / output), "dtype": "fp16"},
         }
     )
+
+
+# --- lorakit --------------------------------------------------------------------------------------------------------
+def run_lorakit(args: argparse.Namespace) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import diffusers  # noqa: F401  (imported before the baseline on both sides)
+    import transformers  # noqa: F401
+
+    from lorakit.train.loop import train
+
+    base = rss_mb()
+    config = lorakit_config(args, "out_lorakit", args.warmup + args.steps)
     stamps: list[float] = []
     result = train(config, progress=lambda step, total, loss, smooth: stamps.append(time.perf_counter()))
     times = [b - a for a, b in zip(stamps[args.warmup - 1 :], stamps[args.warmup :])]
@@ -214,24 +220,9 @@ def run_floor(args: argparse.Namespace) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.set_num_threads(args.threads)
-    from lorakit.train.config import config_from_dict
     from lorakit.train.loop import Trainer
 
-    config = config_from_dict(
-        {
-            "model": {"path": args.model},
-            "dataset": {
-                "path": str(args.data),
-                "resolution": args.size,
-                "min_bucket_reso": args.size,
-                "max_bucket_reso": args.size,
-                "bucket_reso_steps": 32,
-            },
-            "network": {"rank": args.rank, "targets": "attention"},
-            "training": {"steps": 1, "batch_size": args.batch},
-            "save": {"output_dir": str(args.dir / "out_floor")},
-        }
-    )
+    config = lorakit_config(args, "out_floor", 1)
     trainer = Trainer(config)
     with FlopCounterMode(display=False) as counter:
         trainer._optimizer_step(trainer._batches())

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from lorakit.errors import LorakitError, OutputError
+from lorakit.errors import LorakitError
 from lorakit.train.config import TrainConfig
 from lorakit.train.lean import LeanHandle, lean_activations
 from lorakit.train.logs import LossLog
@@ -34,12 +34,13 @@ from lorakit.train.save import RunFacts, lora_metadata, write_lora
 from lorakit.train.setup import (
     Processes,
     dataset_config,
-    fixed_captions,
+    enable_checkpointing,
+    fill_caches,
     load_base,
     make_caches,
     precision,
     processes,
-    return_free_memory,
+    refuse_output_in_dataset,
 )
 from lorakit.train.state import (
     TrainState,
@@ -122,7 +123,7 @@ class Trainer:
 
         t = self.config.training
         self.images = load_dataset(dataset_config(self.config.dataset, base_dir))
-        _refuse_output_in_dataset(self.output_dir, self.images)
+        refuse_output_in_dataset(self.output_dir, self.images)
         # every process walks the same global batches and takes its share, so N processes see what one would
         self.loader = BatchLoader(self.images, t.batch_size * self.procs.world, seed=t.seed)
         self.facts = RunFacts(
@@ -160,37 +161,14 @@ class Trainer:
         for component, module in self.network.modules().items():
             module.train()
             if config.training.gradient_checkpointing:
-                _enable_checkpointing(module)
+                enable_checkpointing(module)
             if config.training.lean_activations:
                 self.lean.append(lean_activations(module))
         identity = f"{self.arch}|{self.source}|{next(pipe.vae.parameters()).dtype}"
         self.latent_cache, self.text_cache = make_caches(config, self.task, self.images, identity)
-        self._precompute()
-
-    def _precompute(self) -> None:
-        """Fill the caches up front; then the VAE (and frozen text encoders) are released unless samples need them."""
-        keep = bool(self.config.sample.prompts)
-        # text first: the text encoders leave before the VAE encoder's activations (the largest of the setup) arrive
-        captions = fixed_captions(self.images) if self.text_cache is not None else None
-        if captions:
-            for start in range(0, len(captions), 8):
-                self.text_cache.embeddings(captions[start : start + 8])
-            if not keep:
-                for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-                    self._release(name)
-                return_free_memory()
-        if self.latent_cache is not None:
-            self.latent_cache.precompute(self.images, batch_size=1)  # one image at a time, for the same reason
-            if not keep:
-                self._release("vae")
-                return_free_memory()
-
-    def _release(self, name: str) -> None:
-        """Free a component the run no longer needs: off the GPU, or (on a CPU) its weights dropped to the meta
-        device, so its memory really goes (every view training can ask for is cached)."""
-        module = getattr(self.pipe, name, None)
-        if isinstance(module, torch.nn.Module):
-            module.to("cpu" if self.procs.device.type != "cpu" else "meta")
+        fill_caches(
+            pipe, self.images, self.latent_cache, self.text_cache, keep=bool(config.sample.prompts), device=device
+        )
 
     def fingerprint(self) -> str:
         c = self.config
@@ -405,24 +383,6 @@ class Trainer:
         self.result.samples += draw_samples(
             self.pipe, self.network, lora_path, sample, folder, self.step, arch=self.arch, default_size=resolution
         )
-
-
-def _refuse_output_in_dataset(output: Path, images: Any) -> None:
-    out = output.resolve()
-    for folder in images.config.folders:
-        root = Path(folder.path).resolve()
-        if out == root or root in out.parents:
-            raise OutputError(
-                f"save.output_dir {output} is inside the dataset folder {folder.path}; training never "
-                f"writes into the dataset: choose an output folder outside it"
-            )
-
-
-def _enable_checkpointing(module: torch.nn.Module) -> None:
-    if hasattr(module, "enable_gradient_checkpointing"):
-        module.enable_gradient_checkpointing()
-    elif hasattr(module, "gradient_checkpointing_enable"):  # transformers text encoders
-        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def train(

@@ -10,10 +10,21 @@ from typing import Any
 
 import torch
 
-from lorakit.errors import ConfigError
+from lorakit.errors import ConfigError, OutputError
 from lorakit.train.config import TrainConfig
 
-__all__ = ["Processes", "dataset_config", "load_base", "make_caches", "precision", "processes", "return_free_memory"]
+__all__ = [
+    "Processes",
+    "dataset_config",
+    "enable_checkpointing",
+    "fill_caches",
+    "load_base",
+    "make_caches",
+    "precision",
+    "processes",
+    "refuse_output_in_dataset",
+    "return_free_memory",
+]
 
 log = logging.getLogger(__name__)
 
@@ -158,3 +169,52 @@ def return_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
         pass
+
+
+def fill_caches(
+    pipe: Any, images: Any, latent_cache: Any, text_cache: Any, *, keep: bool, device: torch.device
+) -> None:
+    """Fill the caches up front; then the frozen text encoders and the VAE leave memory unless ``keep`` (samples
+    need them). Text first: the text encoders are gone before the VAE encoder's activations, the largest of the
+    setup, arrive; images are encoded one at a time for the same reason."""
+    captions = fixed_captions(images) if text_cache is not None else None
+    if captions:
+        for start in range(0, len(captions), 8):
+            text_cache.embeddings(captions[start : start + 8])
+        if not keep:
+            for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+                _release(pipe, name, device)
+            return_free_memory()
+    if latent_cache is not None:
+        latent_cache.precompute(images, batch_size=1)
+        if not keep:
+            _release(pipe, "vae", device)
+            return_free_memory()
+
+
+def _release(pipe: Any, name: str, device: torch.device) -> None:
+    """Free a component the run no longer needs: off the GPU, or (on a CPU) its weights dropped to the meta device,
+    so its memory really goes (every view training can ask for is cached)."""
+    module = getattr(pipe, name, None)
+    if isinstance(module, torch.nn.Module):
+        module.to("cpu" if device.type != "cpu" else "meta")
+
+
+def refuse_output_in_dataset(output: Path, images: Any) -> None:
+    """Refuse an output folder inside a dataset folder: training never writes into the dataset."""
+    out = output.resolve()
+    for folder in images.config.folders:
+        root = Path(folder.path).resolve()
+        if out == root or root in out.parents:
+            raise OutputError(
+                f"save.output_dir {output} is inside the dataset folder {folder.path}; training never "
+                f"writes into the dataset: choose an output folder outside it"
+            )
+
+
+def enable_checkpointing(module: torch.nn.Module) -> None:
+    """Gradient checkpointing on a diffusers model or a transformers text encoder."""
+    if hasattr(module, "enable_gradient_checkpointing"):
+        module.enable_gradient_checkpointing()
+    elif hasattr(module, "gradient_checkpointing_enable"):  # transformers text encoders
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
